@@ -1,0 +1,9 @@
+import pytest
+from speeder.data import write_amazon_fixture
+
+@pytest.fixture
+def amazon(tmp_path):
+    "A tiny Amazon-2023 folder with item images; returns (root, raw_dir, images_dir)."
+    raw, img = tmp_path/'raw', tmp_path/'img'
+    write_amazon_fixture(raw, '2023', n_users=30, n_items=40, per_user=8, images=img)
+    return tmp_path/'data', raw, img
