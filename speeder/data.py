@@ -552,7 +552,7 @@ def prepare_dataset(name:str='ml-100k', # `ml-100k` or `amazon-<category>`
         return load_processed(out)
     ds = build_dataset(name, raw, kcore_k, max_history, n_candidates, seed)
     save_dataset(ds, out, fp)
-    ds.path = out
+    ds.path, ds.info['fingerprint'] = out, fp
     return ds
 
 def load_dataset(name:str='ml-100k', root:str|Path|None=None, **kwargs)->Dataset:
