@@ -579,9 +579,14 @@ def target_ranks(scores:np.ndarray, # (n, C) a score per candidate
     t = scores[np.arange(len(scores)), target_pos][:, None]
     return (scores > t).sum(1) + (scores == t).sum(1) - 1
 
-def hit_rate(ranks:np.ndarray, k:int)->float: return float((np.asarray(ranks) < k).mean()) if len(ranks) else 0.0
+def hit_rate(ranks:np.ndarray, # 0-based target ranks
+             k:int)->float:
+    "HR@k: share of examples whose target ranks in the top k."
+    return float((np.asarray(ranks) < k).mean()) if len(ranks) else 0.0
 
-def ndcg(ranks:np.ndarray, k:int)->float:
+def ndcg(ranks:np.ndarray, # 0-based target ranks
+         k:int)->float:
+    "NDCG@k with one relevant item: 1/log2(rank+2) when rank < k, else 0."
     ranks = np.asarray(ranks)
     return float(np.where(ranks < k, 1.0 / np.log2(ranks + 2), 0.0).mean()) if len(ranks) else 0.0
 

@@ -18,7 +18,7 @@ __all__ = ['POOLINGS', 'WEIGHT_SUFFIXES', 'FEATURES_VERSION', 'LITE0_STAGES', 'L
            'text_features', 'Conv2dSame', 'MBConv', 'EfficientNetLite0', 'load_efficientnet_lite0', 'lite_preprocess',
            'open_image', 'VisionEncoder', 'vision_features', 'ItemFeatures', 'item_features']
 
-# %% ../nbs/02_features.ipynb #c11c8792
+# %% ../nbs/02_features.ipynb #480d311d
 def mean_pool(hidden:torch.Tensor, # (B, T, D) token states
               mask:torch.Tensor,   # (B, T) attention mask, 1 on real tokens
              )->torch.Tensor:
@@ -35,7 +35,7 @@ def last_pool(hidden:torch.Tensor, # (B, T, D) token states
 
 POOLINGS = {'mean': mean_pool, 'last': last_pool}
 
-# %% ../nbs/02_features.ipynb #0df57d7a
+# %% ../nbs/02_features.ipynb #b94a9ccd
 def cosine_matrix(x:torch.Tensor)->torch.Tensor:
     "Pairwise cosine similarity of the rows of `x`."
     x = F.normalize(x.float(), dim=-1)
@@ -55,7 +55,7 @@ def plot_similarity(features:torch.Tensor, # (n, d) one vector per row
     fig.colorbar(im, ax=ax, fraction=0.04); ax.set_title(title); fig.tight_layout()
     return fig
 
-# %% ../nbs/02_features.ipynb #62f0a502
+# %% ../nbs/02_features.ipynb #adb7b0a0
 WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pth', '.pt', '.gguf')
 
 def _first_line(e:Exception)->str:
@@ -82,7 +82,7 @@ def _hidden_size(cfg, what:str, path)->int:
     if not isinstance(d, int): raise SpeederError(f'{what} {path}: cannot tell its output size (no hidden_size in config.json)')
     return d
 
-# %% ../nbs/02_features.ipynb #ec0cf687
+# %% ../nbs/02_features.ipynb #1c81e010
 def _atomic_write(path:Path, write):
     "Call `write(tmp_path)`, then move the temporary file onto `path` (readers never see half a file)."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def weights_fingerprint(path:str|Path, root:str|Path|None=None)->str:
     for f in sorted(p for p in path.iterdir() if p.is_file()): h.update(f'{f.name}:{file_sha256(f, root)}\n'.encode())
     return h.hexdigest()
 
-# %% ../nbs/02_features.ipynb #9ee73b32
+# %% ../nbs/02_features.ipynb #e5bcf94e
 def _device(device=None)->torch.device:
     return torch.device(device) if device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
@@ -170,7 +170,7 @@ class TextEncoder:
 
     def __repr__(self): return f'TextEncoder({self.name}, dim={self.dim}, pooling={self.pooling})'
 
-# %% ../nbs/02_features.ipynb #c5194007
+# %% ../nbs/02_features.ipynb #ef31890a
 FEATURES_VERSION = 1   # bump when preprocessing changes: every cache is rebuilt
 
 def dataset_fingerprint(ds)->str|None:
@@ -219,7 +219,7 @@ def save_cached(ds, modality:str, encoder_name:str, key:dict, blob:dict)->Path|N
         if old != path: old.unlink(missing_ok=True)
     return path
 
-# %% ../nbs/02_features.ipynb #ca301cfa
+# %% ../nbs/02_features.ipynb #1f4de84f
 def text_features(ds, # a `Dataset`
                   encoder:str|Path|TextEncoder|None=None, # model folder or `TextEncoder`; default all-MiniLM-L6-v2
                   root:str|Path|None=None, # data folder (assets and hash cache)
@@ -239,7 +239,7 @@ def text_features(ds, # a `Dataset`
     save_cached(ds, 'text', enc.name, key, dict(features=feats, seconds=time.time() - t0))
     return feats
 
-# %% ../nbs/02_features.ipynb #01cb7f0c
+# %% ../nbs/02_features.ipynb #1b324b0b
 LITE0_STAGES = [  # (repeats, kernel, stride, expansion, in channels, out channels)
     (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
     (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
@@ -303,7 +303,7 @@ def load_efficientnet_lite0(path:str|Path, # a `.pth` state dict of EfficientNet
     except Exception as e: raise SpeederError(f'{path} is not an EfficientNet-Lite0 state dict: {_first_line(e)}') from None
     return net.eval()
 
-# %% ../nbs/02_features.ipynb #1b324b0b
+# %% ../nbs/02_features.ipynb #56517cc9
 LITE_MEAN, LITE_STD = 127.0, 128.0   # on 0..255 pixels: (x - 127) / 128 lies in [-1, 1]
 
 def lite_preprocess(img, # a PIL image
@@ -315,7 +315,7 @@ def lite_preprocess(img, # a PIL image
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
     return (x - torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)) / torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
-# %% ../nbs/02_features.ipynb #5a0ab06b
+# %% ../nbs/02_features.ipynb #51fad642
 def open_image(path:str|Path):
     "Open and fully decode an image as RGB; a missing or corrupt file raises `SpeederError` naming it."
     from PIL import Image
@@ -376,7 +376,7 @@ class VisionEncoder:
 
     def __repr__(self): return f'VisionEncoder({self.name}, dim={self.dim})'
 
-# %% ../nbs/02_features.ipynb #b4441af5
+# %% ../nbs/02_features.ipynb #c68dc8cd
 def _image_stamp(path)->list|None:
     if not path: return None
     try: st = os.stat(path); return [str(path), st.st_size, st.st_mtime_ns]
@@ -427,7 +427,7 @@ def vision_features(ds, # a `Dataset`
     save_cached(ds, 'vision', enc.name, key, dict(features=feats, present=present, meta=json.dumps(meta)))
     return feats, present, dict(meta, cache='built')
 
-# %% ../nbs/02_features.ipynb #653eec8c
+# %% ../nbs/02_features.ipynb #8e062765
 SEQUENCE_DIM = 64   # size of the zero sequence table used when no SASRec embeddings are given
 
 @dataclass
