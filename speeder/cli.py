@@ -9,8 +9,9 @@ from pathlib import Path
 from .data import SpeederError, assets_status, fetch_asset, prepare_dataset, log, project_root
 
 # %% auto #0
-__all__ = ['RESULT_COLUMNS', 'cmd_data', 'cmd_assets', 'cmd_sasrec', 'load_results', 'results_markdown', 'render_readme',
-           'cmd_readme', 'build_parser', 'emit', 'record_result', 'main', 'run_cli']
+__all__ = ['RESULT_COLUMNS', 'cmd_data', 'cmd_assets', 'cmd_sasrec', 'cmd_train', 'cmd_demo', 'cmd_evaluate', 'cmd_recommend',
+           'cmd_ablate', 'load_results', 'results_markdown', 'render_readme', 'cmd_readme', 'build_parser', 'emit',
+           'record_result', 'main', 'run_cli']
 
 # %% ../nbs/10_cli.ipynb #a04eb7de
 def cmd_data(args)->dict:
@@ -34,6 +35,83 @@ def cmd_sasrec(args)->dict:
     return sasrec_main(args.dataset, args.data_dir, **overrides)
 
 # %% ../nbs/10_cli.ipynb #b795deee
+def _parse_sets(pairs:list|None)->dict:
+    out = {}
+    for pair in pairs or []:
+        if '=' not in pair: raise SpeederError(f'--set expects key=value, got {pair!r}')
+        k, v = pair.split('=', 1)
+        try: out[k] = json.loads(v)
+        except json.JSONDecodeError: out[k] = v
+    return out
+
+def _model_overrides(args)->dict:
+    "SpeederConfig overrides and ablation flags shared by train and demo."
+    from speeder.mpo import ablation_overrides
+    o = _parse_sets(args.set)
+    for k in ('max_steps', 'batch_size', 'train_examples', 'eval_examples', 'seed', 'lr'):
+        if getattr(args, k, None) is not None: o[k] = getattr(args, k)
+    o.update(ablation_overrides(args.no_ppl, args.no_ppt, args.no_mpo, args.no_gate,
+                                args.modalities.split(',') if args.modalities else None,
+                                args.mpo_order.split(',') if args.mpo_order else None, args.drop_modality))
+    return o
+
+def _run_kwargs(args)->dict:
+    return dict(runs_dir=args.runs_dir, overwrite=args.overwrite, resume=args.resume, root=args.data_dir,
+                images=args.images, json_progress=args.json)
+
+def cmd_train(args)->dict:
+    "speeder train: MPO training of Speeder, evaluated on the saved test candidates in both answer modes."
+    from speeder.mpo import train_main
+    o = _model_overrides(args)
+    o.setdefault('max_steps', 100)
+    return train_main(args.dataset, args.llm, args.name, checkpoint_every=args.checkpoint_every, **_run_kwargs(args), **o)
+
+def cmd_demo(args)->dict:
+    "speeder demo: data → features → SASRec → MPO → evaluation → report and plots."
+    from speeder.mpo import demo_main
+    return demo_main(args.dataset, args.llm, args.name, **_run_kwargs(args), **_model_overrides(args))
+
+def cmd_evaluate(args)->dict:
+    "speeder evaluate: metrics of a trained run on the saved test candidates."
+    from speeder.mpo import evaluate_main
+    return evaluate_main(args.run_dir, args.mode, args.eval_examples, args.data_dir)
+
+def cmd_recommend(args)->dict:
+    "speeder recommend: one user's history, candidates and the model's pick."
+    from speeder.mpo import recommend_main
+    return recommend_main(args.run_dir, args.user, args.data_dir)
+
+def cmd_ablate(args)->dict:
+    "speeder ablate: the ablations on the same candidate sets, one table and a bar plot."
+    from speeder.mpo import ablate_main
+    o = _parse_sets(args.set)
+    for k in ('max_steps', 'batch_size', 'train_examples', 'eval_examples', 'seed'):
+        if getattr(args, k, None) is not None: o[k] = getattr(args, k)
+    return ablate_main(args.dataset, args.llm, args.variants.split(',') if args.variants else None, args.runs_dir,
+                       args.overwrite, args.data_dir, args.images, args.json, **o)
+
+def _add_model_flags(p:argparse.ArgumentParser, ablations:bool=True):
+    p.add_argument('--dataset', default='ml-100k')
+    p.add_argument('--llm', default='smollm2', help="backbone: smollm2 (packaged), tiny (random stand-in for tests) or a local HF causal LM folder")
+    p.add_argument('--images', default=None, help='Amazon: folder of item images named by item id')
+    p.add_argument('--runs-dir', default=None, help='where runs live (default: runs/ next to data/)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing run folder')
+    for k, t in (('max-steps', int), ('batch-size', int), ('train-examples', int), ('eval-examples', int), ('seed', int)):
+        p.add_argument(f'--{k}', type=t, default=None)
+    p.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='any SpeederConfig field')
+    if not ablations: return
+    p.add_argument('--name', default=None, help='run name: runs/<name>/')
+    p.add_argument('--resume', default=None, metavar='RUN_DIR', help='continue a run from its last checkpoint')
+    p.add_argument('--lr', type=float, default=None)
+    p.add_argument('--no-ppl', action='store_true', help='ablation: no position prompts')
+    p.add_argument('--no-ppt', action='store_true', help='ablation: no position proxy task')
+    p.add_argument('--no-mpo', action='store_true', help='ablation: one joint stage instead of the MPO curriculum')
+    p.add_argument('--no-gate', action='store_true', help='ablation: vision enters without the tanh gate')
+    p.add_argument('--modalities', default=None, help='e.g. text,sequence (drop vision)')
+    p.add_argument('--mpo-order', default=None, help='order modalities are introduced, e.g. sequence,text,vision')
+    p.add_argument('--drop-modality', type=float, default=None, metavar='P', help="mask each item's non-text modalities with probability P")
+
+# %% ../nbs/10_cli.ipynb #2fd08fa1
 RESULT_COLUMNS = [('hr1', 'HR@1'), ('hr5', 'HR@5'), ('ndcg5', 'NDCG@5'), ('valid_ratio', 'ValidRatio'), ('vhr1', 'VHR@1'),
                   ('score_hr1', 'HR@1 (score mode)'), ('wall_s', 'wall time (s)')]
 
@@ -56,7 +134,7 @@ def results_markdown(records:list[dict])->str:
             for r in records]
     return '\n'.join([head, '|' + '---|' * (len(cols) + 2), *rows])
 
-# %% ../nbs/10_cli.ipynb #7c741601
+# %% ../nbs/10_cli.ipynb #d9a6b018
 def _directives(src:str)->tuple[list, str]:
     lines = src.splitlines()
     ds = [l[3:].strip() for l in lines if l.startswith('#|')]
@@ -97,7 +175,7 @@ def cmd_readme(args)->dict:
     "speeder readme: regenerate README.md from nbs/index.ipynb."
     return dict(readme=str(render_readme()))
 
-# %% ../nbs/10_cli.ipynb #d9a6b018
+# %% ../nbs/10_cli.ipynb #beb799a8
 def _common()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument('--json', action='store_true', help='print one JSON object as the last line of stdout')
@@ -125,11 +203,25 @@ def build_parser()->argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, default=None, help='maximum epochs (default: SASRecConfig)')
     p.add_argument('--seed', type=int, default=None)
     p.set_defaults(func=cmd_sasrec)
+    p = sub.add_parser('train', parents=[common], help='train Speeder with MPO and evaluate it')
+    _add_model_flags(p); p.add_argument('--checkpoint-every', type=int, default=25)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser('demo', parents=[common], help='the main job: data, features, SASRec, MPO, evaluation, report')
+    _add_model_flags(p); p.set_defaults(func=cmd_demo)
+    p = sub.add_parser('evaluate', parents=[common], help='evaluate a trained run on the saved test candidates')
+    p.add_argument('run_dir'); p.add_argument('--mode', choices=['generate', 'score'], default='generate')
+    p.add_argument('--eval-examples', type=int, default=None); p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser('recommend', parents=[common], help="show one user's history, candidates and the model's pick")
+    p.add_argument('run_dir'); p.add_argument('--user', required=True); p.set_defaults(func=cmd_recommend)
+    p = sub.add_parser('ablate', parents=[common], help='run the ablations on the same candidates')
+    _add_model_flags(p, ablations=False)
+    p.add_argument('--variants', default=None, help='comma-separated subset of the ablations (default: all)')
+    p.set_defaults(func=cmd_ablate)
     p = sub.add_parser('readme', parents=[common], help='regenerate README.md from nbs/index.ipynb')
     p.set_defaults(func=cmd_readme)
     return parser
 
-# %% ../nbs/10_cli.ipynb #beb799a8
+# %% ../nbs/10_cli.ipynb #67548cb1
 def _jsonable(o):
     if isinstance(o, Path): return str(o)
     if hasattr(o, 'item'): return o.item()
@@ -171,7 +263,7 @@ def main(argv:list|None=None):
     if getattr(args, 'record', False): record_result(result, args.command, argv if argv is not None else sys.argv[1:])
     emit(result, args.json)
 
-# %% ../nbs/10_cli.ipynb #15502810
+# %% ../nbs/10_cli.ipynb #569aabb5
 def run_cli(*args:str)->subprocess.CompletedProcess:
     "Run `speeder ARGS` in a fresh Python process and capture stdout/stderr (for tests and notebooks)."
     return subprocess.run([sys.executable, '-c', 'from speeder.cli import main; main()', *args], capture_output=True, text=True)

@@ -1,0 +1,167 @@
+"Bad input and fast behaviour tests for speeder.llm (the tiny stand-in backbone; seconds each on a CPU)."
+import json
+import numpy as np
+import pytest, torch
+from speeder.data import SpeederError, Split, fetch_asset, load_dataset
+from speeder.features import ItemFeatures
+from speeder.llm import (SpeederConfig, SpeederPrompt, SpeederRecommender, ITEM_TOKEN, LABELS, add_lora, check_causal_lm,
+                         evaluate, fit, load_backbone, load_run, recommend, render_prompt, reorder_histories, tiny_llm,
+                         train_main, smollm2_tokenizer)
+
+def _features(n_items=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {m: torch.randn(n_items + 1, d, generator=g) for m, d in dict(text=384, vision=1280, sequence=64).items()}
+    present = torch.arange(n_items + 1) % 2 == 1
+    for x in t.values(): x[0] = 0
+    t['vision'][~present] = 0
+    return ItemFeatures(t['text'], t['vision'], present, t['sequence'])
+
+def _model(**kw):
+    cfg = SpeederConfig(**dict(dict(llm='tiny', lora_r=4, d_model=32, n_heads=2, dropout=0.0, lora_dropout=0.0), **kw))
+    return SpeederRecommender(_features(), cfg, device='cpu')
+
+def _toy(n=8, n_items=60, seed=0):
+    rng = np.random.default_rng(seed)
+    hist = np.zeros((n, 10), np.int64)
+    for r in range(n):
+        k = rng.integers(3, 11); hist[r, 10 - k:] = rng.choice(np.arange(1, n_items + 1), k, replace=False)
+    cands = np.stack([rng.choice(np.arange(1, n_items + 1), 20, replace=False) for _ in range(n)])
+    return Split(np.arange(n), hist, cands[np.arange(n), rng.integers(0, 20, n)], cands)
+
+# --- the --llm path --------------------------------------------------------------------------------------------
+
+def test_llm_path_missing(tmp_path):
+    with pytest.raises(SpeederError, match='does not exist') as e: load_backbone(tmp_path/'no-such-llm')
+    assert str(tmp_path/'no-such-llm') in str(e.value)
+
+def test_llm_path_not_a_causal_lm(tmp_path):
+    minilm = fetch_asset('all-minilm-l6-v2')/'model'
+    with pytest.raises(SpeederError, match='not a causal') as e: load_backbone(minilm)
+    assert str(minilm) in str(e.value) and 'BertModel' in str(e.value)
+    (tmp_path/'empty').mkdir()
+    with pytest.raises(SpeederError, match='config.json') as e: load_backbone(tmp_path/'empty')
+    assert str(tmp_path/'empty') in str(e.value)
+    (tmp_path/'file.bin').write_bytes(b'x')
+    with pytest.raises(SpeederError, match='not a model folder'): load_backbone(tmp_path/'file.bin')
+    bad = tmp_path/'badcfg'; bad.mkdir(); (bad/'config.json').write_text('{"hello": 1}')
+    with pytest.raises(SpeederError, match='cannot be loaded'): check_causal_lm(bad)
+
+def test_llm_path_a_real_causal_lm_folder(tmp_path):
+    "A saved LLaMA folder (the tiny one) loads through the generic path."
+    tok = smollm2_tokenizer()
+    tiny_llm(tok).save_pretrained(tmp_path/'llm'); tok.save_pretrained(tmp_path/'llm')
+    model, tok2 = load_backbone(tmp_path/'llm')
+    assert type(model).__name__ == 'LlamaForCausalLM' and len(tok2) == len(tok)
+    assert torch.equal(model.get_input_embeddings().weight, tiny_llm(tok).get_input_embeddings().weight)
+
+def test_lora_targets_must_exist():
+    with pytest.raises(SpeederError, match='not linear layers') as e: add_lora(load_backbone('tiny')[0], targets=('q_proj', 'query'))
+    assert 'query' in str(e.value) and 'q_proj' in str(e.value).split('it has:')[1]
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+def test_config_roundtrip_and_unknown_keys():
+    cfg = SpeederConfig(llm='tiny', modalities=('text', 'sequence'), lora_targets=['q_proj'])
+    assert SpeederConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(SpeederError, match='lora_rank'): SpeederConfig.from_dict(dict(lora_rank=4))
+    with pytest.raises(SpeederError, match='audio'): SpeederConfig(modalities=('text', 'audio'))
+    with pytest.raises(SpeederError, match='text is always on'): SpeederConfig(modalities=('vision', 'sequence'))
+    with pytest.raises(SpeederError, match='dtype'): SpeederConfig(dtype='float8')
+    with pytest.raises(SpeederError, match='labels'): SpeederConfig(n_candidates=30)
+
+# --- the prompt ----------------------------------------------------------------------------------------------------
+
+def test_prompt_has_30_item_tokens():
+    p = SpeederPrompt(smollm2_tokenizer())
+    ids, hist, cand = p.ids(10)
+    assert ids.count(p.item_id) == 30 and len(hist) == 10 and len(cand) == 20
+    assert render_prompt(10).count(ITEM_TOKEN) == 30
+    assert [p.tokenizer.decode([ids[c - 1]]) for c in cand] == list(LABELS)
+
+def test_prompt_bad_batches():
+    p = SpeederPrompt(smollm2_tokenizer())
+    h, c = np.array([[0] * 8 + [3, 4]]), np.arange(10, 30)[None]
+    with pytest.raises(SpeederError, match='not exactly once'): p.batch(h, c, targets=[99])
+    with pytest.raises(SpeederError, match='left-padded'): p.batch(np.array([[3, 4] + [0] * 8]), c)
+    with pytest.raises(SpeederError, match=r'expects \(1, 20\)'): p.batch(h, c[:, :10])
+    with pytest.raises(SpeederError, match='one token'): SpeederPrompt(smollm2_tokenizer(), n_candidates=2, labels=['B', 'Candidate12'])
+
+def test_history_longer_than_position_prompts():
+    "A history wider than max_history is refused with a message that says how to fix it (no silent truncation)."
+    m = _model(max_history=10)
+    h = np.arange(1, 13)[None]            # 12 items, position prompts cover 10
+    b = m.prompt.batch(h, np.arange(21, 41)[None], targets=[21])
+    with pytest.raises(SpeederError, match='12 slots but there are 10 position prompts') as e: m(b)
+    assert 'histories[:, -10:]' in str(e.value)
+    m(m.prompt.batch(h[:, -10:], np.arange(21, 41)[None], targets=[21]))   # the suggested fix works
+
+# --- the model -------------------------------------------------------------------------------------------------------
+
+def test_ppl_changes_only_history_positions():
+    m = _model().eval()
+    with torch.no_grad():
+        for p in m.ppl.parameters(): p.normal_()
+    b = m.prompt.batch(np.array([[0] * 7 + [5, 6, 7], list(range(1, 11))]), np.arange(21, 61).reshape(2, 20))
+    with torch.no_grad():
+        on = m.embed(b); m.cfg.use_ppl = False; off = m.embed(b)
+    changed = (on - off).abs().sum(-1) > 0
+    for r in range(2):
+        hp = b['hist_pos'][r][b['hist_pos'][r] >= 0]
+        assert changed[r].nonzero().squeeze(1).tolist() == sorted(hp.tolist())
+
+def test_losses_and_modalities():
+    m = _model()
+    b = m.prompt.batch(np.array([[0] * 7 + [5, 6, 7]]), np.arange(21, 41)[None], targets=[25])
+    out = m(b)
+    assert set(out) == {'loss', 'lm_loss', 'ppt_loss', 'ppt_acc'} and torch.isfinite(out['loss'])
+    with pytest.raises(SpeederError, match='targets'): m(m.prompt.batch(np.array([[0] * 7 + [5, 6, 7]]), np.arange(21, 41)[None]))
+    text_only = m.item_tokens(torch.tensor([1, 2]), active=('text',))
+    assert not torch.allclose(text_only, m.item_tokens(torch.tensor([1, 2])))
+    assert torch.equal(m.item_tokens(torch.tensor([0, 1]))[0], torch.zeros(m.hidden))
+
+def test_answer_modes_and_bad_modes():
+    m = _model()
+    h, c = np.array([[0] * 7 + [5, 6, 7]] * 3), np.stack([np.arange(11, 31), np.arange(21, 41), np.arange(41, 61)])
+    s = recommend(m, h, c, 'score')
+    assert s['scores'].shape == (3, 20) and all(p in row for p, row in zip(s['picks'], c))
+    g = recommend(m, h, c, 'generate')
+    assert len(g['answers']) == 3 and all(p is None or p in row for p, row in zip(g['picks'], c))
+    with pytest.raises(SpeederError, match='answer mode'): recommend(m, h, c, 'beam')
+    with pytest.raises(SpeederError, match='item ids must lie in 0..60'): recommend(m, h, c + 1, 'score')
+    with pytest.raises(SpeederError, match='no saved candidates'): evaluate(m, Split(np.zeros(1), h[:1], np.array([25])))
+
+def test_generate_and_score_agree_on_a_trained_toy():
+    "Overfit 8 examples until both answer modes pick every target; then they agree."
+    toy = _toy()
+    m = _model(d_model=64, lora_r=8, lr=5e-3, batch_size=8, max_steps=150, warmup_steps=5, use_ppt=False)
+    fit(m, toy)
+    gen, sc = recommend(m, toy.histories, toy.candidates, 'generate'), recommend(m, toy.histories, toy.candidates, 'score')
+    assert sc['picks'] == list(toy.targets)
+    assert gen['picks'] == sc['picks']
+
+def test_reorder_histories():
+    h = np.array([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]])
+    assert reorder_histories(h, 'reverse').tolist() == [[0, 0, 3, 2, 1], [8, 7, 6, 5, 4]]
+    sh = reorder_histories(h, 'shuffle', seed=1)
+    assert (sh[:, :2] == h[:, :2]).all() or sorted(sh[1]) == sorted(h[1])
+    assert sorted(sh[0]) == sorted(h[0]) and sh[0, 0] == 0 and sh[0, 1] == 0
+    with pytest.raises(SpeederError, match='order'): reorder_histories(h, 'sorted')
+
+# --- a run -------------------------------------------------------------------------------------------------------------
+
+def test_tiny_end_to_end_train_lowers_the_loss(tmp_path):
+    res = train_main('ml-100k', 'tiny', out=tmp_path/'run', sequence_features='zeros', train_examples=160, max_steps=20,
+                     batch_size=8, eval_examples=16, d_model=32, n_heads=2, lr=3e-3, json_progress=True)
+    assert res['backbone_is_stand_in'] is True and res['llm'] == 'tiny'
+    hist = json.loads((tmp_path/'run'/'history.json').read_text())
+    assert np.mean([r['lm_loss'] for r in hist[-5:]]) < np.mean([r['lm_loss'] for r in hist[:5]])
+    for k in ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 's_per_step'): assert k in res
+    assert json.loads((tmp_path/'run'/'metrics.json').read_text())['backbone_is_stand_in'] is True
+    assert SpeederConfig.from_dict(json.loads((tmp_path/'run'/'config.json').read_text())).max_steps == 20
+    assert not any(p.stat().st_size > 5e6 for p in (tmp_path/'run').rglob('*') if p.is_file())   # no backbone weights saved
+
+def test_train_main_bad_override(tmp_path):
+    with pytest.raises(SpeederError, match='lora_rank'): train_main('ml-100k', 'tiny', out=tmp_path/'r', lora_rank=4)
+
+def test_load_run_not_a_run(tmp_path):
+    with pytest.raises(SpeederError, match='not a Speeder run'): load_run(tmp_path, _features())
