@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_llm.ipynb #0dc28e40
 from __future__ import annotations
-import inspect, json, math, os, shutil, tempfile, time, warnings
+import inspect, json, math, os, re, shutil, tempfile, time, warnings
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np
@@ -18,10 +18,10 @@ from .spae import PositionPrompt, PositionProxyHead, position_proxy_loss, spae_t
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'TINY_LLAMA', 'TINY_SEED', 'TINY_EMBED_STD', 'ITEM_TOKEN', 'LABELS',
            'PROMPT', 'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm', 'tiny_llm',
-           'load_backbone', 'add_lora', 'render_prompt', 'SpeederPrompt', 'SpeederConfig', 'SpeederRecommender',
-           'random_features', 'score_candidates', 'generate_answers', 'recommend', 'evaluate', 'lr_at',
-           'training_split', 'fit', 'toy_split', 'reorder_histories', 'order_sensitivity', 'sequence_table', 'save_run',
-           'load_run', 'train_main']
+           'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt', 'SpeederConfig',
+           'SpeederRecommender', 'random_features', 'score_candidates', 'generate_answers', 'recommend', 'evaluate',
+           'lr_at', 'training_split', 'fit', 'toy_split', 'reorder_histories', 'order_sensitivity', 'sequence_table',
+           'save_run', 'load_run', 'train_main']
 
 # %% ../nbs/05_llm.ipynb #14e21dd7
 SMOLLM2 = 'smollm2-135m-instruct'                 # packaged asset of the default backbone
@@ -167,15 +167,23 @@ def add_lora(model, # a causal LM
 # %% ../nbs/05_llm.ipynb #6a17f0f4
 ITEM_TOKEN = '<|item|>'                       # placeholder of one item token in the prompt
 LABELS = 'BCDEFGHJKLMNOPQRSTUV'               # candidate labels: 20 one-token capital letters, no English words (A, I)
-PROMPT = dict(                                # the template: head, history items, mid, candidates, tail, answer
+PROMPT = dict(                                # the template: head, history item tokens, mid, candidates, tail, answer
     head='A user interacted with these items, oldest first:',
     mid='\nWhich candidate will the user choose next?',
-    before_label='\n',                        # each candidate: before_label + letter + item token
+    candidate='\n{label}{item}',              # one candidate: its letter and its item token, one per line
     tail='\nAnswer with its letter:\n')
+
+def candidate_pieces(template:str|None=None)->list:
+    "The candidate template as pieces: text, '{label}' and '{item}' (each placeholder exactly once)."
+    template = PROMPT['candidate'] if template is None else template
+    pieces = [p for p in re.split(r'(\{label\}|\{item\})', template) if p]
+    if sorted(p for p in pieces if p in ('{label}', '{item}')) != ['{item}', '{label}']:
+        raise SpeederError(f'candidate template {template!r} must hold {{label}} and {{item}} once each')
+    return pieces
 
 def render_prompt(n_history:int, n_candidates:int=20, labels:str=LABELS)->str:
     "The prompt as text with `ITEM_TOKEN` placeholders (what the LLM reads, before item tokens are put in)."
-    cands = ''.join(PROMPT['before_label'] + labels[k] + ITEM_TOKEN for k in range(n_candidates))
+    cands = ''.join(PROMPT['candidate'].format(label=labels[k], item=ITEM_TOKEN) for k in range(n_candidates))
     return PROMPT['head'] + ITEM_TOKEN * n_history + PROMPT['mid'] + cands + PROMPT['tail']
 
 # %% ../nbs/05_llm.ipynb #3032ed7d
@@ -196,7 +204,8 @@ class SpeederPrompt:
         if tokenizer.eos_token_id is None: raise SpeederError('the tokenizer has no end-of-sequence token to end an answer with')
         self.eos_id = tokenizer.eos_token_id
         self.start = tokenizer('').input_ids          # what the tokenizer puts first (BOS for LLaMA-2, nothing for SmolLM2)
-        self.head, self.mid, self.before, self.tail = (enc(PROMPT[k]) for k in ('head', 'mid', 'before_label', 'tail'))
+        self.head, self.mid, self.tail = (enc(PROMPT[k]) for k in ('head', 'mid', 'tail'))
+        self.candidate = [p if p in ('{label}', '{item}') else enc(p) for p in candidate_pieces()]
         self._cache = {}
 
     def ids(self, n_history:int)->tuple:
@@ -206,7 +215,10 @@ class SpeederPrompt:
             hist = list(range(len(ids), len(ids) + n_history)); ids = ids + [self.item_id] * n_history + self.mid
             cand = []
             for lab in self.label_ids:
-                ids = ids + self.before + [lab]; cand.append(len(ids)); ids = ids + [self.item_id]
+                for piece in self.candidate:
+                    if piece == '{label}': ids = ids + [lab]
+                    elif piece == '{item}': cand.append(len(ids)); ids = ids + [self.item_id]
+                    else: ids = ids + piece
             self._cache[n_history] = (ids + self.tail, hist, cand)
         return self._cache[n_history]
 
@@ -602,15 +614,15 @@ def order_sensitivity(model:SpeederRecommender, split:Split, # a split with cand
 def _set_seeds(seed:int):
     torch.manual_seed(seed); np.random.seed(seed)
 
-def sequence_table(ds, how:str='sasrec')->torch.Tensor|None:
+def sequence_table(ds, how:str='sasrec', root:str|Path|None=None)->torch.Tensor|None:
     "SASRec item embeddings (training SASRec first if needed), or None for zeros."
     if how == 'zeros': return None
     from speeder.sasrec import sasrec_item_embeddings, train_sasrec
-    try: return sasrec_item_embeddings(ds)
-    except SpeederError:
-        log(f'no trained SASRec for {ds.name} yet: training it now (its item embeddings are the sequence modality)')
+    try: return sasrec_item_embeddings(ds, root)
+    except SpeederError as e:
+        log(f'{e}; training SASRec now (its item embeddings are the sequence modality)')
         train_sasrec(ds)
-        return sasrec_item_embeddings(ds)
+        return sasrec_item_embeddings(ds, root)
 
 def _llm_name(llm:str)->str: return Path(str(llm)).name.replace('.gguf', '') or str(llm)
 
@@ -645,7 +657,7 @@ def train_main(dataset:str='ml-100k', # dataset name (see `load_dataset`)
     cfg = SpeederConfig.from_dict(dict(overrides, llm=str(llm)))
     _set_seeds(cfg.seed); t_start = time.time()
     ds = load_dataset(dataset, root)
-    feats = item_features(ds, sequence=sequence_table(ds, cfg.sequence_features), root=root)
+    feats = item_features(ds, sequence=sequence_table(ds, cfg.sequence_features, root), root=root)
     model = SpeederRecommender(feats, cfg, root=root)
     train = training_split(ds, cfg.train_examples, cfg.n_candidates, cfg.seed)
     t0 = time.time(); hist = fit(model, train, cfg, json_progress=json_progress); train_s = time.time() - t0

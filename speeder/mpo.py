@@ -362,7 +362,7 @@ def demo_main(dataset:str='ml-100k', llm:str='smollm2', name:str|None=None, runs
     t0 = time.time()
     ds = load_dataset(dataset, root, images=images)
     sas = sasrec_result(ds, root)
-    res = train_main(dataset, llm, name or f'demo-{dataset}-{Path(str(llm)).name}', runs_dir, overwrite, resume, root, images,
+    res = train_main(dataset, llm, name or f'demo-{dataset}-{Path(str(llm)).name}-{time.strftime("%Y%m%d-%H%M%S")}', runs_dir, overwrite, resume, root, images,
                      json_progress=json_progress, **({} if resume else {**DEMO_DEFAULTS, **overrides}))
     run = Path(res['run_dir'])
     cfg, settings, _ = _load_run_config(run)

@@ -98,3 +98,21 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = json.loads(clean.stdout.splitlines()[-1]), json.loads(resumed.stdout.splitlines()[-1])
     for k in ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'score_ndcg5', 'steps'): assert a[k] == b[k], k
+
+def test_ablate_table_and_plot(tmp_path):
+    out = mpo.ablate_main('ml-100k', 'tiny', ['speeder', 'no-ppl', 'drop-modality-0.5'], runs_dir=tmp_path,
+                          max_steps=2, **TINY)
+    assert [r['variant'] for r in out['rows']] == ['speeder', 'no-ppl', 'drop-modality-0.5']
+    assert Path(out['plot']).exists() and all(0 <= r['vhr1'] <= 1 for r in out['rows'])
+    cfg = json.loads((tmp_path/'ablate-ml-100k-no-ppl'/'config.json').read_text())['config']
+    assert cfg['use_ppl'] is False
+    with pytest.raises(SpeederError, match='unknown ablation'): mpo.ablate_main('ml-100k', 'tiny', ['nope'], runs_dir=tmp_path)
+
+def test_drop_modality_masks_fixed_items():
+    from speeder.llm import SpeederConfig, SpeederRecommender, load_backbone, random_features
+    cfg = SpeederConfig(llm='tiny', lora_r=4, d_model=32, n_heads=2, drop_modality=0.5)
+    m = SpeederRecommender(random_features(), cfg, backbone=load_backbone('tiny'))
+    kept = m.modality_kept
+    assert kept[:, 0].all() and 0.3 < kept[:, 1:].float().mean() < 0.7
+    m2 = SpeederRecommender(random_features(), cfg, backbone=load_backbone('tiny'))
+    assert torch.equal(kept, m2.modality_kept)   # the same items lose the same modalities, at train and test time
