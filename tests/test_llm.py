@@ -4,7 +4,7 @@ import numpy as np
 import pytest, torch
 from speeder.data import SpeederError, Split, fetch_asset, load_dataset
 from speeder.features import ItemFeatures
-from speeder.llm import (SpeederConfig, SpeederPrompt, SpeederRecommender, ITEM_TOKEN, LABELS, add_lora, check_causal_lm,
+from speeder.llm import (toy_split, SpeederConfig, SpeederPrompt, SpeederRecommender, ITEM_TOKEN, LABELS, add_lora, check_causal_lm,
                          evaluate, fit, load_backbone, load_run, recommend, render_prompt, reorder_histories, tiny_llm,
                          train_main, smollm2_tokenizer)
 
@@ -20,13 +20,7 @@ def _model(**kw):
     cfg = SpeederConfig(**dict(dict(llm='tiny', lora_r=4, d_model=32, n_heads=2, dropout=0.0, lora_dropout=0.0), **kw))
     return SpeederRecommender(_features(), cfg, device='cpu')
 
-def _toy(n=8, n_items=60, seed=0):
-    rng = np.random.default_rng(seed)
-    hist = np.zeros((n, 10), np.int64)
-    for r in range(n):
-        k = rng.integers(3, 11); hist[r, 10 - k:] = rng.choice(np.arange(1, n_items + 1), k, replace=False)
-    cands = np.stack([rng.choice(np.arange(1, n_items + 1), 20, replace=False) for _ in range(n)])
-    return Split(np.arange(n), hist, cands[np.arange(n), rng.integers(0, 20, n)], cands)
+_toy = toy_split   # the 05_llm notebook's toy: 8 memorisable examples over 60 items
 
 # --- the --llm path --------------------------------------------------------------------------------------------
 
