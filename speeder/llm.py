@@ -21,7 +21,7 @@ __all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'TINY_LLAMA', 'TINY_SEE
            'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt', 'SpeederConfig',
            'SpeederRecommender', 'random_features', 'score_candidates', 'generate_answers', 'recommend', 'evaluate',
            'lr_at', 'training_split', 'fit', 'toy_split', 'reorder_histories', 'order_sensitivity', 'sequence_table',
-           'save_run', 'load_run', 'train_main']
+           'save_weights', 'load_weights', 'save_run', 'load_run', 'train_main']
 
 # %% ../nbs/05_llm.ipynb #14e21dd7
 SMOLLM2 = 'smollm2-135m-instruct'                 # packaged asset of the default backbone
@@ -626,11 +626,23 @@ def sequence_table(ds, how:str='sasrec', root:str|Path|None=None)->torch.Tensor|
 
 def _llm_name(llm:str)->str: return Path(str(llm)).name.replace('.gguf', '') or str(llm)
 
+def save_weights(model:SpeederRecommender, folder:str|Path):
+    "Trainable weights only: the LoRA adapter (peft `save_pretrained`) and MRC, PPL and PPT head (never the backbone)."
+    folder = Path(folder)
+    model.llm.save_pretrained(str(folder/'lora'))
+    torch.save({k: getattr(model, k).state_dict() for k in ('mrc', 'ppl', 'ppt_head')}, folder/'modules.pt')
+
+def load_weights(model:SpeederRecommender, folder:str|Path):
+    "Load what `save_weights` wrote into a model built with the same config."
+    from peft import load_peft_weights, set_peft_model_state_dict
+    folder = Path(folder)
+    set_peft_model_state_dict(model.llm, load_peft_weights(str(folder/'lora'), device=str(model.device)))
+    for k, sd in torch.load(folder/'modules.pt', map_location=model.device, weights_only=True).items(): getattr(model, k).load_state_dict(sd)
+
 def save_run(model:SpeederRecommender, run_dir:str|Path, metrics:dict, history:list)->Path:
-    "Trainable weights only (LoRA adapters, MRC, PPL, PPT head) + config, metrics and training history."
+    "Trainable weights (`save_weights`) + config, metrics and training history."
     run = Path(run_dir); run.mkdir(parents=True, exist_ok=True)
-    model.llm.save_pretrained(str(run/'lora'))
-    torch.save({k: getattr(model, k).state_dict() for k in ('mrc', 'ppl', 'ppt_head')}, run/'modules.pt')
+    save_weights(model, run)
     (run/'config.json').write_text(json.dumps(model.cfg.to_dict(), indent=1))
     (run/'metrics.json').write_text(json.dumps(metrics, indent=1))
     (run/'history.json').write_text(json.dumps(history))
@@ -638,12 +650,10 @@ def save_run(model:SpeederRecommender, run_dir:str|Path, metrics:dict, history:l
 
 def load_run(run_dir:str|Path, features:ItemFeatures, root:str|Path|None=None, device=None)->SpeederRecommender:
     "A trained recommender from a run folder and the same item features."
-    from peft import load_peft_weights, set_peft_model_state_dict
     run = Path(run_dir)
     if not (run/'config.json').exists(): raise SpeederError(f'{run} is not a Speeder run folder (no config.json)')
     model = SpeederRecommender(features, SpeederConfig.from_dict(json.loads((run/'config.json').read_text())), root=root, device=device)
-    set_peft_model_state_dict(model.llm, load_peft_weights(str(run/'lora'), device=str(model.device)))
-    for k, sd in torch.load(run/'modules.pt', map_location=model.device, weights_only=True).items(): getattr(model, k).load_state_dict(sd)
+    load_weights(model, run)
     return model.eval()
 
 def train_main(dataset:str='ml-100k', # dataset name (see `load_dataset`)

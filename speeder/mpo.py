@@ -13,15 +13,15 @@ from .mrc import MODALITIES, plot_modality_attention
 from .spae import plot_ppl_similarity, plot_order_sensitivity
 from .features import item_features
 from .llm import (SpeederConfig, SpeederRecommender, load_backbone, fit, evaluate, recommend, training_split,
-                         order_sensitivity, sequence_table)
+                         order_sensitivity, sequence_table, save_weights, load_weights)
 
 # %% auto #0
 __all__ = ['PARAM_GROUPS', 'DEFAULT_ORDER', 'STAGE_SHARES', 'RUN_SETTINGS', 'DEMO_DEFAULTS', 'ABLATIONS', 'MPOStage',
-           'group_parameters', 'set_trainable', 'mpo_stages', 'runs_root', 'new_run_dir', 'save_weights',
-           'load_weights', 'save_checkpoint', 'latest_checkpoint', 'RunInterrupted', 'stage_steps', 'train_stages',
-           'build_model', 'train_main', 'plot_stage_losses', 'plot_gate', 'run_attention', 'write_report',
-           'write_plots', 'sasrec_result', 'demo_main', 'load_trained', 'evaluate_main', 'recommend_main',
-           'ablation_overrides', 'plot_ablation', 'ablate_main']
+           'group_parameters', 'set_trainable', 'mpo_stages', 'runs_root', 'new_run_dir', 'save_checkpoint',
+           'latest_checkpoint', 'RunInterrupted', 'stage_steps', 'train_stages', 'build_model', 'train_main',
+           'plot_stage_losses', 'plot_gate', 'run_attention', 'write_report', 'write_plots', 'sasrec_result',
+           'demo_main', 'load_trained', 'evaluate_main', 'recommend_main', 'ablation_overrides', 'plot_ablation',
+           'ablate_main']
 
 # %% ../nbs/06_mpo.ipynb #5e708494
 PARAM_GROUPS = ('text', 'vision', 'sequence', 'shared', 'ppl', 'ppt', 'lora')
@@ -98,17 +98,6 @@ def new_run_dir(name:str, runs_dir:str|Path|None=None, overwrite:bool=False)->Pa
         shutil.rmtree(run)
     _check_writable(run)
     return run
-
-def save_weights(model:SpeederRecommender, folder:Path):
-    "Trainable weights only: the LoRA adapter (peft) and MRC, PPL and PPT head."
-    model.llm.save_pretrained(str(folder/'lora'))
-    torch.save({k: getattr(model, k).state_dict() for k in ('mrc', 'ppl', 'ppt_head')}, folder/'modules.pt')
-
-def load_weights(model:SpeederRecommender, folder:Path):
-    "Load what `save_weights` wrote into a model built with the same config."
-    from peft import load_peft_weights, set_peft_model_state_dict
-    set_peft_model_state_dict(model.llm, load_peft_weights(str(folder/'lora'), device=str(model.device)))
-    for k, sd in torch.load(folder/'modules.pt', map_location=model.device, weights_only=True).items(): getattr(model, k).load_state_dict(sd)
 
 def save_checkpoint(model:SpeederRecommender, run:Path, name:str, state:dict)->Path:
     "Write a checkpoint folder completely, then point `latest.json` at it (atomic rename)."
