@@ -8,6 +8,13 @@ from speeder.llm import (toy_split, SpeederConfig, SpeederPrompt, SpeederRecomme
                          evaluate, fit, load_backbone, load_run, recommend, render_prompt, reorder_histories, tiny_llm,
                          train_main, smollm2_tokenizer)
 
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "The tiny stand-in is made of small ops: one thread is as fast, and far faster when other jobs share the CPU."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _features(n_items=60, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = {m: torch.randn(n_items + 1, d, generator=g) for m, d in dict(text=384, vision=1280, sequence=64).items()}
