@@ -10,8 +10,8 @@ from .data import SpeederError, assets_status, fetch_asset, prepare_dataset, log
 
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'cmd_data', 'cmd_assets', 'cmd_sasrec', 'cmd_train', 'cmd_demo', 'cmd_evaluate', 'cmd_recommend',
-           'cmd_ablate', 'load_results', 'results_markdown', 'render_readme', 'cmd_readme', 'build_parser', 'emit',
-           'record_result', 'main', 'run_cli']
+           'cmd_ablate', 'cmd_compare', 'cmd_bench', 'load_results', 'recorded_markdown', 'results_markdown',
+           'render_readme', 'cmd_readme', 'build_parser', 'emit', 'record_result', 'main', 'run_cli']
 
 # %% ../nbs/10_cli.ipynb #a04eb7de
 def cmd_data(args)->dict:
@@ -44,12 +44,17 @@ def _parse_sets(pairs:list|None)->dict:
         except json.JSONDecodeError: out[k] = v
     return out
 
-def _model_overrides(args)->dict:
-    "SpeederConfig overrides and ablation flags shared by train and demo."
-    from speeder.mpo import ablation_overrides
+def _budget_overrides(args)->dict:
+    "SpeederConfig overrides from `--set` and the budget flags (steps, batch, examples, seed, lr) a subcommand has."
     o = _parse_sets(args.set)
     for k in ('max_steps', 'batch_size', 'train_examples', 'eval_examples', 'seed', 'lr'):
         if getattr(args, k, None) is not None: o[k] = getattr(args, k)
+    return o
+
+def _model_overrides(args)->dict:
+    "SpeederConfig overrides and ablation flags shared by train and demo."
+    from speeder.mpo import ablation_overrides
+    o = _budget_overrides(args)
     o.update(ablation_overrides(args.no_ppl, args.no_ppt, args.no_mpo, args.no_gate,
                                 args.modalities.split(',') if args.modalities else None,
                                 args.mpo_order.split(',') if args.mpo_order else None, args.drop_modality))
@@ -84,11 +89,23 @@ def cmd_recommend(args)->dict:
 def cmd_ablate(args)->dict:
     "speeder ablate: the ablations on the same candidate sets, one table and a bar plot."
     from speeder.mpo import ablate_main
-    o = _parse_sets(args.set)
-    for k in ('max_steps', 'batch_size', 'train_examples', 'eval_examples', 'seed'):
-        if getattr(args, k, None) is not None: o[k] = getattr(args, k)
     return ablate_main(args.dataset, args.llm, args.variants.split(',') if args.variants else None, args.runs_dir,
-                       args.overwrite, args.data_dir, args.images, args.json, **o)
+                       args.overwrite, args.data_dir, args.images, args.json, **_budget_overrides(args))
+
+def _methods(arg:str|None, default:tuple)->tuple:
+    return tuple(m.strip() for m in arg.split(',') if m.strip()) if arg else default
+
+def cmd_compare(args)->dict:
+    "speeder compare: train Speeder and each baseline with the same budget; HR@1, ValidRatio, VHR@1 on the same test candidates."
+    from speeder.baselines import compare_main, BASELINES
+    return compare_main(args.dataset, args.llm, _methods(args.methods, ('speeder',) + BASELINES), args.out,
+                        not args.no_sasrec, args.data_dir, args.json, **_budget_overrides(args))
+
+def cmd_bench(args)->dict:
+    "speeder bench: tokens, training throughput, latency and memory of every method, and Speeder's ratios against text-only."
+    from speeder.bench import bench_main, BENCH_METHODS
+    return bench_main(args.dataset, args.llm, _methods(args.methods, BENCH_METHODS), args.train_steps, args.warmup,
+                      args.batch_size, args.calls, args.out, args.data_dir, **_parse_sets(args.set))
 
 def _add_model_flags(p:argparse.ArgumentParser, ablations:bool=True):
     p.add_argument('--dataset', default='ml-100k')
@@ -115,11 +132,21 @@ def _add_model_flags(p:argparse.ArgumentParser, ablations:bool=True):
 RESULT_COLUMNS = [('hr1', 'HR@1'), ('hr5', 'HR@5'), ('ndcg5', 'NDCG@5'), ('valid_ratio', 'ValidRatio'), ('vhr1', 'VHR@1'),
                   ('score_hr1', 'HR@1 (score mode)'), ('wall_s', 'wall time (s)')]
 
-def load_results(results_dir:Path|None=None)->list[dict]:
-    "The recorded results (`nbs/results/*.json`), oldest command first."
+def load_results(results_dir:Path|None=None, # default nbs/results/
+                 subcommands:tuple|None=None, # only results of these subcommands (e.g. ('bench',)); None: all
+                )->list[dict]:
+    "The recorded results (`nbs/results/*.json`), sorted by file name."
     root = project_root()
     d = Path(results_dir or (root/'nbs'/'results' if root else 'results'))
-    return [json.loads(f.read_text()) for f in sorted(d.glob('*.json'))] if d.exists() else []
+    recs = [json.loads(f.read_text()) for f in sorted(d.glob('*.json'))] if d.exists() else []
+    return [r for r in recs if subcommands is None or r['command'].split()[1] in subcommands]
+
+def recorded_markdown(subcommand:str, to_markdown)->str:
+    "The latest recorded result of `speeder <subcommand>` as markdown (`to_markdown(result)`), with the command that made it."
+    recs = load_results(subcommands=(subcommand,))
+    if not recs: return f'_No recorded `speeder {subcommand}` yet: run it with `--record`._'
+    r = recs[-1]
+    return to_markdown(r['result']) + f"\n\nMeasured by `{r['command']}` on {r['date']}."
 
 def _fmt(v)->str:
     if isinstance(v, float): return f'{v:.4f}' if v < 10 else f'{v:.0f}'
@@ -217,6 +244,23 @@ def build_parser()->argparse.ArgumentParser:
     _add_model_flags(p, ablations=False)
     p.add_argument('--variants', default=None, help='comma-separated subset of the ablations (default: all)')
     p.set_defaults(func=cmd_ablate)
+    p = sub.add_parser('compare', parents=[common], help='train every method with the same budget and compare accuracy')
+    _add_model_flags(p, ablations=False)
+    p.add_argument('--methods', default=None, help='comma-separated subset of speeder,text-only,hybrid,text-multimodal (default: all)')
+    p.add_argument('--out', default=None, help='folder for compare.json and compare.png (default runs/compare-...)')
+    p.add_argument('--no-sasrec', action='store_true', help='leave SASRec out (it is trained first when missing)')
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser('bench', parents=[common], help="each method's tokens, training throughput, latency and memory; ratios vs text-only")
+    p.add_argument('--dataset', default='ml-100k')
+    p.add_argument('--llm', default='smollm2', help='backbone: smollm2, tiny (stand-in for tests) or a local HF causal LM folder')
+    p.add_argument('--methods', default=None, help='comma-separated subset of speeder,text-only,hybrid,text-multimodal (default: all)')
+    p.add_argument('--train-steps', type=int, default=5, help='optimizer steps measured per method (after the warm-up)')
+    p.add_argument('--warmup', type=int, default=2, help='warm-up steps and calls, not measured')
+    p.add_argument('--batch-size', type=int, default=8, help='training batch size (the same for every method)')
+    p.add_argument('--calls', type=int, default=16, help='timed batch-1 calls per answer mode (a quarter as many at batch 16)')
+    p.add_argument('--out', default=None, help='folder for bench.json and bench.png (default runs/bench-...)')
+    p.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='any SpeederConfig field')
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser('readme', parents=[common], help='regenerate README.md from nbs/index.ipynb')
     p.set_defaults(func=cmd_readme)
     return parser

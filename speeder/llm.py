@@ -18,10 +18,11 @@ from .spae import PositionPrompt, PositionProxyHead, position_proxy_loss, spae_t
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'TINY_LLAMA', 'TINY_SEED', 'TINY_EMBED_STD', 'ITEM_TOKEN', 'LABELS',
            'PROMPT', 'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm', 'tiny_llm',
-           'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt', 'SpeederConfig',
-           'SpeederRecommender', 'random_features', 'score_candidates', 'generate_answers', 'recommend', 'evaluate',
-           'lr_at', 'training_split', 'fit', 'toy_split', 'reorder_histories', 'order_sensitivity', 'sequence_table',
-           'save_weights', 'load_weights', 'save_run', 'load_run', 'train_main']
+           'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt', 'check_prompt_inputs',
+           'target_index', 'collate_prompts', 'SpeederConfig', 'SpeederRecommender', 'random_features',
+           'score_candidates', 'generate_answers', 'recommend', 'evaluate', 'lr_at', 'training_split', 'fit',
+           'toy_split', 'reorder_histories', 'order_sensitivity', 'sequence_table', 'save_weights', 'load_weights',
+           'save_run', 'load_run', 'train_main']
 
 # %% ../nbs/05_llm.ipynb #14e21dd7
 SMOLLM2 = 'smollm2-135m-instruct'                 # packaged asset of the default backbone
@@ -226,36 +227,59 @@ class SpeederPrompt:
         "The answer naming candidate `k`: its letter, then the end token."
         return [self.label_ids[k], self.eos_id]
 
+    can_score = True           # each candidate has a one-token label, so the 20 labels can be scored at once
+    max_answer_tokens = None   # generation length: the config's `max_new_tokens`
+
+    def pick(self, answer:str, candidates)->int|None:
+        "The item an answer names (exactly one label), else None."
+        return pick_from_answer(answer, dict(zip(self.labels, map(int, candidates))))
+
     def batch(self, histories, # (B, L) item ids, left-padded with 0, most recent last
               candidates, # (B, C) candidate item ids
               targets=None, # (B,) target item ids: append the answer (training); None: prompt only
              )->dict:
         "Left-padded model inputs; `hist_pos`/`cand_pos` say where each history slot / candidate sits (-1: empty slot)."
-        histories, candidates = torch.as_tensor(np.asarray(histories)), torch.as_tensor(np.asarray(candidates))
-        B, L = histories.shape
-        if candidates.shape != (B, self.n_candidates):
-            raise SpeederError(f'candidates have shape {tuple(candidates.shape)}; the prompt expects ({B}, {self.n_candidates})')
+        histories, candidates = check_prompt_inputs(histories, candidates, self.n_candidates)
         rows = []
-        for b in range(B):
+        for b in range(len(histories)):
             n = int((histories[b] > 0).sum())
             ids, hist, cand = self.ids(n)
-            if targets is not None:
-                hit = (candidates[b] == int(targets[b])).nonzero()
-                if len(hit) != 1: raise SpeederError(f'row {b}: target {int(targets[b])} is not exactly once among its candidates')
-                ids = ids + self.answer_ids(int(hit[0]))
-            rows.append((ids, [-1] * (L - n) + hist, cand))
-        T = max(len(r[0]) for r in rows)
-        input_ids = torch.full((B, T), self.eos_id, dtype=torch.long); mask = torch.zeros(B, T, dtype=torch.long)
-        hist_pos, cand_pos = torch.full((B, L), -1, dtype=torch.long), torch.zeros(B, self.n_candidates, dtype=torch.long)
-        for b, (ids, hist, cand) in enumerate(rows):
-            pad = T - len(ids)
-            input_ids[b, pad:] = torch.tensor(ids); mask[b, pad:] = 1
-            hist_pos[b] = torch.tensor([p + pad if p >= 0 else -1 for p in hist]); cand_pos[b] = torch.tensor(cand) + pad
-        present = histories > 0
-        if (present[:, 1:] < present[:, :-1]).any(): raise SpeederError('histories must be left-padded with 0 (most recent item last)')
-        return dict(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
-                    history=histories, hist_pos=hist_pos, candidates=candidates, cand_pos=cand_pos,
-                    n_answer=0 if targets is None else 2)
+            answer = [] if targets is None else self.answer_ids(target_index(candidates[b], targets[b], b))
+            rows.append((ids + answer, [-1] * (histories.shape[1] - n) + hist, cand, len(answer)))
+        return collate_prompts(rows, histories, candidates, self.eos_id)
+
+def check_prompt_inputs(histories, candidates, n_candidates:int)->tuple:
+    "Histories and candidates as tensors, checked: (B, L) left-padded with 0 and (B, n_candidates)."
+    histories, candidates = torch.as_tensor(np.asarray(histories)), torch.as_tensor(np.asarray(candidates))
+    if histories.dim() != 2: raise SpeederError(f'histories must be a (batch, slots) array of item ids; got shape {tuple(histories.shape)}')
+    if candidates.shape != (len(histories), n_candidates):
+        raise SpeederError(f'candidates have shape {tuple(candidates.shape)}; the prompt expects ({len(histories)}, {n_candidates})')
+    present = histories > 0
+    if (present[:, 1:] < present[:, :-1]).any(): raise SpeederError('histories must be left-padded with 0 (most recent item last)')
+    return histories, candidates
+
+def target_index(candidates:torch.Tensor, target, row:int)->int:
+    "Where the target sits among one row's candidates (it must be there exactly once)."
+    hit = (candidates == int(target)).nonzero()
+    if len(hit) != 1: raise SpeederError(f'row {row}: target {int(target)} is not exactly once among its candidates')
+    return int(hit[0])
+
+def collate_prompts(rows:list, # per example: (token ids incl. answer, history positions (-1: empty slot), candidate positions, answer length)
+                    histories:torch.Tensor, candidates:torch.Tensor, pad_id:int)->dict:
+    "Left-pad rows into one batch; every row ends at the last position, so answers are the last `n_answer` positions."
+    B, T, A = len(rows), max(len(r[0]) for r in rows), max(r[3] for r in rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long); mask = torch.zeros(B, T, dtype=torch.long)
+    hist_pos, cand_pos = torch.full(histories.shape, -1, dtype=torch.long), torch.full(candidates.shape, -1, dtype=torch.long)
+    answer_mask = torch.zeros(B, A, dtype=torch.bool)
+    shift = lambda ps, pad: torch.tensor([p + pad if p >= 0 else -1 for p in ps], dtype=torch.long)
+    for b, (ids, hist, cand, n_ans) in enumerate(rows):
+        pad = T - len(ids)
+        input_ids[b, pad:] = torch.tensor(ids); mask[b, pad:] = 1
+        hist_pos[b], cand_pos[b] = shift(hist, pad), shift(cand, pad)
+        if n_ans: answer_mask[b, A - n_ans:] = True
+    return dict(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                history=histories, hist_pos=hist_pos, candidates=candidates, cand_pos=cand_pos,
+                n_answer=A, answer_mask=answer_mask)
 
 # %% ../nbs/05_llm.ipynb #11760404
 @dataclass
@@ -335,7 +359,10 @@ class SpeederRecommender(nn.Module):
                  cfg:SpeederConfig,
                  backbone:tuple|None=None, # (model, tokenizer) already loaded; default `load_backbone(cfg.llm)`
                  root:str|Path|None=None, # data folder (assets)
-                 device=None): # where the LLM is loaded (default cuda if available); dtype follows `cfg.dtype`
+                 device=None, # where the LLM is loaded (default cuda if available); dtype follows `cfg.dtype`
+                 prompt=None, # a function tokenizer -> prompt (default `SpeederPrompt`; the baselines bring their own)
+                 item_encoder:nn.Module|None=None, # what turns item features into item tokens (default `MRC`)
+                ):
         super().__init__()
         self.cfg = cfg
         device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -348,11 +375,11 @@ class SpeederRecommender(nn.Module):
         self.is_stand_in = cfg.llm == 'tiny'
         self.hidden = llm.config.hidden_size
         torch.manual_seed(cfg.seed)
-        self.mrc = MRC(features.dims, cfg.d_model, self.hidden, cfg.n_blocks, cfg.n_heads, cfg.dropout)
+        self.mrc = item_encoder or MRC(features.dims, cfg.d_model, self.hidden, cfg.n_blocks, cfg.n_heads, cfg.dropout)
         self.ppl = PositionPrompt(cfg.max_history, self.hidden)
         self.ppt_head = PositionProxyHead(self.hidden, cfg.max_history)
         self.llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        self.prompt = SpeederPrompt(tok, cfg.n_candidates, cfg.labels)
+        self.prompt = prompt(tok) if prompt else SpeederPrompt(tok, cfg.n_candidates, cfg.labels)
         self._keep_logits = 'logits_to_keep' in inspect.signature(self.llm.get_base_model().forward).parameters
         self.to(device)
 
@@ -384,6 +411,9 @@ class SpeederRecommender(nn.Module):
         is_item = ids == self.prompt.item_id
         emb = self.llm.get_input_embeddings()
         E = emb(ids.masked_fill(is_item | (ids >= emb.num_embeddings), 0))
+        pos = torch.cat([batch['hist_pos'], batch['cand_pos']], 1).to(self.device)
+        keep = pos >= 0
+        if not keep.any(): return E   # a text-only prompt: no item tokens to put in
         hist, cand = batch['history'].to(self.device), batch['candidates'].to(self.device)
         present = hist > 0
         if hist.shape[1] > self.cfg.max_history:
@@ -392,9 +422,7 @@ class SpeederRecommender(nn.Module):
         tokens = self.item_tokens(torch.cat([hist, cand], 1), active)
         th, tc = tokens[:, :hist.shape[1]], tokens[:, hist.shape[1]:]
         if self.cfg.use_ppl: th = self.ppl(th, present)
-        pos = torch.cat([batch['hist_pos'], batch['cand_pos']], 1).to(self.device)
         vals = torch.cat([th, tc], 1)
-        keep = pos >= 0
         rows = torch.arange(len(pos), device=self.device)[:, None].expand_as(pos)
         return E.index_put((rows[keep], pos[keep]), vals[keep].to(E.dtype))
 
@@ -416,8 +444,8 @@ class SpeederRecommender(nn.Module):
         if not A: raise SpeederError('forward needs a batch built with targets (the answer is what the LM loss is on)')
         E = self.embed(batch, active)
         out = self._lm(E, batch, keep=A + 1, output_hidden_states=self.cfg.use_ppt)
-        answer = batch['input_ids'][:, -A:].to(self.device)
-        lm_loss = F.cross_entropy(out.logits[:, :A].float().reshape(-1, out.logits.shape[-1]), answer.reshape(-1))
+        answer, on = batch['input_ids'][:, -A:].to(self.device), batch['answer_mask'].to(self.device)
+        lm_loss = F.cross_entropy(out.logits[:, :A][on].float(), answer[on])   # answers may differ in length: masked
         zero = lm_loss.new_zeros(())
         if not self.cfg.use_ppt: return dict(loss=lm_loss, lm_loss=lm_loss, ppt_loss=zero, ppt_acc=zero)
         hp = batch['hist_pos'].to(self.device)
@@ -446,14 +474,17 @@ def _autocast(device:torch.device):
 @torch.no_grad()
 def score_candidates(model:SpeederRecommender, batch:dict, active=None)->torch.Tensor:
     "Log-probability of each candidate's letter after the prompt: `(B, n_candidates)`."
+    if not model.prompt.can_score: raise SpeederError(f'{type(model.prompt).__name__} answers in free text; it has no score mode (use generate)')
     out = model._lm(model.embed(batch, active), batch, keep=1)
     logp = out.logits[:, -1].float().log_softmax(-1)
     return logp[:, torch.tensor(model.prompt.label_ids, device=logp.device)].cpu()
 
 @torch.no_grad()
-def generate_answers(model:SpeederRecommender, batch:dict, max_new_tokens:int|None=None, active=None)->list[str]:
+def generate_answers(model:SpeederRecommender, batch:dict, max_new_tokens:int|None=None, active=None,
+                     stop_at_eos:bool=True, # False: always decode `max_new_tokens` tokens (benchmarks)
+                    )->list[str]:
     "Greedy answers (KV cache, stops at the end token), decoded without special tokens."
-    n = max_new_tokens or model.cfg.max_new_tokens
+    n = max_new_tokens or model.prompt.max_answer_tokens or model.cfg.max_new_tokens
     eos, dev = model.prompt.eos_id, model.device
     mask, pos = batch['attention_mask'].to(dev), batch['position_ids'].to(dev)
     out = model._lm(model.embed(batch, active), batch, keep=1, use_cache=True)
@@ -461,7 +492,7 @@ def generate_answers(model:SpeederRecommender, batch:dict, max_new_tokens:int|No
     for i in range(n):
         nxt = out.logits[:, -1].argmax(-1).masked_fill(done, eos)
         steps.append(nxt); done |= nxt == eos
-        if done.all() or i == n - 1: break
+        if (stop_at_eos and done.all()) or i == n - 1: break
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1); pos = pos[:, -1:] + 1
         out = model.llm(inputs_embeds=model.llm.get_input_embeddings()(nxt[:, None]), attention_mask=mask,
                         position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
@@ -477,7 +508,6 @@ def recommend(model:SpeederRecommender, histories, candidates, # (n, L) and (n, 
     histories, candidates = np.asarray(histories), np.asarray(candidates)
     was = model.training; model.eval()
     picks, scores, answers = [], [], []
-    labels = model.prompt.labels
     for sl in progress(_batches(len(histories), batch_size or model.cfg.eval_batch_size), desc=progress_desc, disable=progress_desc is None):
         batch = model.prompt.batch(histories[sl], candidates[sl])
         with _autocast(model.device):
@@ -486,7 +516,7 @@ def recommend(model:SpeederRecommender, histories, candidates, # (n, L) and (n, 
                 picks += [int(c[k]) for c, k in zip(candidates[sl], s.argmax(1).tolist())]
             else:
                 texts = generate_answers(model, batch, active=active); answers += texts
-                picks += [pick_from_answer(t, dict(zip(labels, map(int, c)))) for t, c in zip(texts, candidates[sl])]
+                picks += [model.prompt.pick(t, c) for t, c in zip(texts, candidates[sl])]
     model.train(was)
     return dict(picks=picks, scores=torch.cat(scores).numpy() if scores else None, answers=answers or None)
 

@@ -1,0 +1,109 @@
+"Baselines as prompt formats, `speeder compare` and `speeder bench` on the tiny stand-in: they run, report every field, refuse bad input."
+import json
+from pathlib import Path
+import numpy as np
+import pytest, torch
+from speeder.cli import run_cli
+from speeder.data import SpeederError, load_dataset
+from speeder.llm import SpeederConfig, SpeederPrompt, random_features, toy_split, smollm2_tokenizer
+from speeder.baselines import (ItemTextPrompt, baseline_model, train_baseline, BASELINES, BASELINE_STAGES, short_text)
+from speeder.bench import bench_ratios, RATIOS
+
+TINY_SET = ['--set', 'sequence_features="zeros"', 'lora_r=4', 'd_model=32', 'n_heads=2']
+
+def _item(title, year=''):
+    return dict(title=title, year=year, genres=[], brand='', category='', description='', image=None)
+
+@pytest.fixture(scope='module')
+def tok(): return smollm2_tokenizer()
+
+@pytest.fixture(scope='module')
+def items(): return [None] + [_item(f'Film {k}', str(1980 + k)) for k in range(1, 61)]
+
+def test_unknown_item_and_shapes(tok, items):
+    p = ItemTextPrompt(tok, items, n_candidates=3)
+    with pytest.raises(SpeederError, match='item id 99 is not in the dataset'): p.batch([[0, 1, 99]], [[2, 3, 4]])
+    with pytest.raises(SpeederError, match=r'candidates have shape \(1, 2\)'): p.batch([[0, 1, 2]], [[2, 3]])
+    with pytest.raises(SpeederError, match='left-padded'): p.batch([[1, 0, 2]], [[2, 3, 4]])
+
+def test_duplicate_titles_name_neither(tok):
+    items = [None, _item('Heat'), _item('Heat'), _item('Heathers')]
+    p = ItemTextPrompt(tok, items, n_candidates=3)
+    assert p.pick('Heathers', [1, 2, 3]) == 3   # whole words: "Heat" is not found inside "Heathers"
+    assert p.pick('Heat', [1, 2, 3]) is None    # two candidates are called "Heat": the answer names neither
+    assert p.pick('Heat', [1, 3, 3]) == 1
+
+def test_speeder_prompt_answer_mask(tok):
+    p = SpeederPrompt(tok, n_candidates=20)
+    b = p.batch(toy_split(3).histories, toy_split(3).candidates, toy_split(3).targets)
+    assert b['n_answer'] == 2 and bool(b['answer_mask'].all())
+    assert 'answer_mask' in p.batch(toy_split(3).histories, toy_split(3).candidates) and p.pick('C', list(range(1, 21))) == 2
+
+class _Items:
+    items = [None] + [_item(f'Film {k}', str(1980 + k)) for k in range(1, 61)]
+
+def test_llara_curriculum_trains_projector_only_in_hybrid_stage():
+    feats = random_features(60)
+    model = baseline_model('hybrid', _Items, feats, SpeederConfig(llm='tiny', batch_size=4), device='cpu')
+    before = [p.detach().clone() for p in model.mrc.parameters()]
+    train_baseline(model, toy_split(8), 4, stages=BASELINE_STAGES['hybrid'][:1])   # the text-only stage alone
+    assert all(torch.equal(a, b) for a, b in zip(before, model.mrc.parameters()))   # the projector cannot change there
+    hist = train_baseline(model, toy_split(8), 4)
+    assert [r['stage'] for r in hist] == ['text-only'] * 2 + ['hybrid'] * 2
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.mrc.parameters()))
+    assert model.prompt is model.formats['hybrid'] and model.prompt.item_token
+
+def test_baseline_has_no_score_mode():
+    model = baseline_model('text-only', _Items, random_features(60), SpeederConfig(llm='tiny'), device='cpu')
+    from speeder.llm import recommend
+    with pytest.raises(SpeederError, match='no score mode'): recommend(model, toy_split(2).histories, toy_split(2).candidates, 'score')
+    with pytest.raises(SpeederError, match='unknown baseline'): baseline_model('tallrec', _Items, random_features(60), SpeederConfig(llm='tiny'))
+
+def test_text_multimodal_reads_more_tokens_than_text_only(tok):
+    ds = load_dataset('ml-100k')
+    short = ItemTextPrompt(tok, ds.items, short_text)
+    from speeder.baselines import TEXT_FORMATS
+    long = ItemTextPrompt(tok, ds.items, TEXT_FORMATS['long'])
+    n = lambda p: int(p.batch(ds.test.histories[:8], ds.test.candidates[:8])['attention_mask'].sum())
+    assert n(long) > n(short) > 8 * 30   # well over one token per item
+
+def test_ratios_follow_their_definition():
+    rows = [dict(method='text-only', examples_per_s=1.0, generate_b1_p50_ms=300.0, prompt_tokens_mean=400.0),
+            dict(method='speeder', examples_per_s=5.0, generate_b1_p50_ms=60.0, score_b1_p50_ms=20.0, prompt_tokens_mean=100.0)]
+    r = bench_ratios(rows)
+    assert r['train_speedup'] == 5.0 and r['infer_speedup_generate'] == 5.0 and r['infer_speedup_score'] == 15.0 and r['token_ratio'] == 4.0
+    assert set(r) == set(RATIOS) and bench_ratios(rows[1:])['train_speedup'] is None
+
+def test_bench_cli_tiny(tmp_path):
+    r = run_cli('bench', '--llm', 'tiny', '--train-steps', '2', '--warmup', '1', '--batch-size', '4', '--calls', '2',
+                '--out', str(tmp_path), '--json', *TINY_SET)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [row['method'] for row in res['rows']] == ['speeder', *BASELINES] and res['backbone_is_stand_in'] is True
+    for row in res['rows']:
+        for k in ('prompt_tokens_mean', 'prompt_tokens_p95', 'examples_per_s', 'tokens_per_s', 'generate_b1_p50_ms',
+                  'generate_b1_p95_ms', 'generate_b16_p50_ms', 'generate_b16_per_request_ms', 'train_peak_mb'):
+            assert row[k] is not None and row[k] > 0, (row['method'], k)
+    speeder = res['rows'][0]
+    assert speeder['score_b1_p50_ms'] > 0 and 'score_b1_p50_ms' not in res['rows'][1]
+    assert all(res['ratios'][k] > 0 for k in ('train_speedup', 'infer_speedup_generate', 'infer_speedup_score', 'token_ratio'))
+    assert res['ratios']['token_ratio'] > 2
+    assert json.loads((tmp_path/'bench.json').read_text())['ratios'] == res['ratios'] and (tmp_path/'bench.png').exists()
+
+def test_compare_cli_tiny(tmp_path):
+    r = run_cli('compare', '--llm', 'tiny', '--max-steps', '2', '--batch-size', '4', '--train-examples', '16', '--eval-examples', '8',
+                '--no-sasrec', '--out', str(tmp_path), '--json', *TINY_SET)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [row['method'] for row in res['rows']] == ['speeder', *BASELINES]
+    for row in res['rows']:
+        assert 0 <= row['hr1'] <= 1 and 0 <= row['valid_ratio'] <= 1 and row['vhr1'] == pytest.approx(row['hr1'] * row['valid_ratio'])
+        assert row['n_test'] == 8 and row['steps'] == 2
+    assert res['budget'] == dict(steps=2, batch_size=4, train_examples=16, eval_examples=8)
+    assert (tmp_path/'compare.json').exists() and (tmp_path/'compare.png').exists()
+
+def test_bad_methods_are_named(tmp_path):
+    for cmd in ('bench', 'compare'):
+        r = run_cli(cmd, '--llm', 'tiny', '--methods', 'speeder,tallrec', '--out', str(tmp_path/cmd), '--json')
+        assert r.returncode == 2 and 'tallrec' in r.stderr and 'Traceback' not in r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1])['error']
