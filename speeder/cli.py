@@ -292,17 +292,32 @@ def record_result(result:dict, command:str, argv:list)->Path:
     log(f'recorded {out}')
     return out
 
+def _error(args, msg:str, rank:int=0):
+    "Report an error on stderr and, with --json, as the JSON line on stdout (never from a rank other than 0)."
+    print(f'speeder {args.command}{f" (rank {rank})" if rank else ""}: error: {msg}', file=sys.stderr)
+    if args.json and rank == 0: print(json.dumps({'error': msg}))
+
 def main(argv:list|None=None):
-    "Entry point of the `speeder` console script."
+    "Entry point of the `speeder` console script; under torchrun every rank runs `speeder train` and rank 0 alone prints."
     args = build_parser().parse_args(argv)
+    rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1)))   # set by torchrun
+    if world > 1 and args.command != 'train':
+        if rank == 0: _error(args, f'only `speeder train` runs under torchrun; start `speeder {args.command}` as a plain process')
+        sys.exit(2)
     start = time.time()
     try: result = args.func(args)
     except SpeederError as e:
-        print(f'speeder {args.command}: error: {e}', file=sys.stderr)
-        if args.json: print(json.dumps({'error': str(e)}))
+        if rank == 0: _error(args, str(e))
+        else:
+            from speeder.llm import RankZeroError
+            if not isinstance(e, RankZeroError): _error(args, str(e), rank)   # rank 0 reports the errors it shared
         sys.exit(2)
     except KeyboardInterrupt:
         print(f'speeder {args.command}: interrupted', file=sys.stderr); sys.exit(130)
+    if world > 1:
+        from speeder.llm import finish_distributed
+        finish_distributed()
+        if rank > 0: return   # rank 0 alone records and prints the result
     result.setdefault('command_wall_s', round(time.time() - start, 2))
     if getattr(args, 'record', False): record_result(result, args.command, argv if argv is not None else sys.argv[1:])
     emit(result, args.json)

@@ -17,12 +17,15 @@ from .spae import PositionPrompt, PositionProxyHead, position_proxy_loss, spae_t
 
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'TINY_LLAMA', 'TINY_SEED', 'TINY_EMBED_STD', 'ITEM_TOKEN', 'LABELS',
-           'PROMPT', 'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm', 'tiny_llm',
-           'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt', 'check_prompt_inputs',
-           'target_index', 'collate_prompts', 'SpeederConfig', 'SpeederRecommender', 'random_features',
-           'score_candidates', 'generate_answers', 'recommend', 'evaluate', 'lr_at', 'training_split', 'fit',
-           'toy_split', 'reorder_histories', 'order_sensitivity', 'sequence_table', 'save_weights', 'load_weights',
-           'save_run', 'load_run', 'train_main']
+           'PROMPT', 'RANK_SEED_STRIDE', 'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm',
+           'tiny_llm', 'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt',
+           'check_prompt_inputs', 'target_index', 'collate_prompts', 'SpeederConfig', 'SpeederRecommender',
+           'random_features', 'score_candidates', 'generate_answers', 'recommend', 'evaluate', 'lr_at',
+           'training_split', 'fit', 'dist_env', 'init_distributed', 'finish_distributed', 'world_size', 'rank',
+           'is_main', 'rank_seed', 'log_main', 'rank_slice', 'mean_over_ranks', 'gather_objects', 'ddp', 'grad_sync',
+           'launch_hint', 'rng_state', 'restore_rng_state', 'RankZeroError', 'on_main', 'main_first',
+           'evaluate_sharded', 'toy_split', 'reorder_histories', 'order_sensitivity', 'sequence_table', 'save_weights',
+           'load_weights', 'save_run', 'load_run', 'train_main']
 
 # %% ../nbs/05_llm.ipynb #14e21dd7
 SMOLLM2 = 'smollm2-135m-instruct'                 # packaged asset of the default backbone
@@ -553,7 +556,7 @@ def training_split(ds, # a `Dataset`
     return sub
 
 def fit(model:SpeederRecommender, examples:Split, # training examples with candidates (see `training_split`)
-        cfg:SpeederConfig|None=None, # optimisation settings (default `model.cfg`)
+        cfg:SpeederConfig|None=None, # optimisation settings (default `model.cfg`); under torchrun `batch_size` is per rank
         params:list|None=None, # parameters to train (default: every trainable one)
         active:tuple|None=None, # modalities MRC uses (default `cfg.modalities`)
         json_progress:bool=False, # one JSON line per log step on stderr instead of a progress bar
@@ -561,46 +564,207 @@ def fit(model:SpeederRecommender, examples:Split, # training examples with candi
         state:dict|None=None, # continue from `get_state()` of an interrupted call with the same arguments
         on_step=None, # called as on_step(steps_done, get_state) after every optimizer step (checkpoints)
        )->list[dict]:
-    "Train with AdamW + warm-up/cosine; returns one record per optimizer step."
+    "Train with AdamW + warm-up/cosine; returns one record per optimizer step. Under torchrun: DDP, each rank its slice of every batch."
     cfg = cfg or model.cfg
     if examples.candidates is None: raise SpeederError('training examples need candidate sets (see training_split)')
-    torch.manual_seed(cfg.seed); rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    R, W = rank(), world_size()
+    torch.manual_seed(rank_seed(cfg.seed)); rng = np.random.default_rng(cfg.seed)   # the data order is the same on every rank
+    gen = torch.Generator(device=model.device).manual_seed(rank_seed(cfg.seed))
     params = [p for p in (params or model.trainable_parameters()) if p.requires_grad]
     opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)], lr=cfg.lr)
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum * W   # examples per optimizer step, all ranks together
     total = cfg.max_steps or max(1, cfg.epochs * math.ceil(len(examples) / per_step))
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(total * per_step / len(examples)))])
     history, start, t0 = [], 0, time.time()
     if state is not None:   # resume: same data order (a function of the seed), restored optimizer and random states
-        opt.load_state_dict(state['optimizer']); gen.set_state(state['generator']); torch.set_rng_state(state['torch_rng'])
+        opt.load_state_dict(state['optimizer']); restore_rng_state(state, gen)
         history, start = list(state['history']), len(state['history'])
         t0 -= history[-1]['seconds'] if history else 0.0
-    get_state = lambda: dict(optimizer=opt.state_dict(), generator=gen.get_state(), torch_rng=torch.get_rng_state(),
-                             history=list(history))
+    get_state = lambda: dict(optimizer=opt.state_dict(), **rng_state(gen), history=list(history))
+    net = ddp(model)   # `model` itself in a single process
     model.train()
-    bar = progress(range(start, total), desc='fit', disable=json_progress, initial=start, total=total)
+    bar = progress(range(start, total), desc='fit', disable=json_progress or R > 0, initial=start, total=total)
     for step in bar:
         for g in opt.param_groups: g['lr'] = lr_at(step, cfg.lr, cfg.warmup_steps, total)
         rec = dict(loss=0.0, lm_loss=0.0, ppt_loss=0.0, ppt_acc=0.0)
         for a in range(cfg.grad_accum):
-            idx = order[(step * cfg.grad_accum + a) * cfg.batch_size:][:cfg.batch_size]
+            idx = rank_slice(order, step * cfg.grad_accum + a, cfg.batch_size, R, W)   # this rank's block of the batch
             batch = model.prompt.batch(examples.histories[idx], examples.candidates[idx], examples.targets[idx])
-            with _autocast(model.device): out = model(batch, active, gen)
-            (out['loss'] / cfg.grad_accum).backward()
+            with grad_sync(net, a == cfg.grad_accum - 1):   # DDP averages gradients over ranks in the last backward
+                with _autocast(model.device): out = net(batch, active, gen)
+                (out['loss'] / cfg.grad_accum).backward()
             for k in rec: rec[k] += out[k].item() / cfg.grad_accum
+        rec = mean_over_ranks(rec)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step(); opt.zero_grad(set_to_none=True)
         secs = time.time() - t0
         rec.update(step=step + 1, lr=opt.param_groups[0]['lr'], grad_norm=float(gnorm), seconds=secs,
                    examples_per_s=(step + 1) * per_step / secs)
         history.append(rec)
-        if json_progress and ((step + 1) % log_every == 0 or step + 1 == total): log(json.dumps({k: round(v, 4) for k, v in rec.items()}))
+        if json_progress and R == 0 and ((step + 1) % log_every == 0 or step + 1 == total): log(json.dumps({k: round(v, 4) for k, v in rec.items()}))
         bar.set_postfix(loss=f"{rec['loss']:.3f}", ppt=f"{rec['ppt_loss']:.3f}", ex_s=f"{rec['examples_per_s']:.1f}", refresh=False)
         if on_step is not None: on_step(step + 1, get_state)
     model.eval()
     return history
+
+# %% ../nbs/05_llm.ipynb #a7bd9495
+import contextlib, datetime, io
+import torch.distributed as dist
+
+# %% ../nbs/05_llm.ipynb #52dd033d
+RANK_SEED_STRIDE = 1000   # rank r draws dropout and PPT pairs from seed + 1000·r; rank 0 from the seed itself
+
+def dist_env()->tuple[int, int, int]:
+    "(rank, world size, local rank) from torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`; (0, 1, 0) in a plain process."
+    return tuple(int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
+
+def init_distributed(timeout_min:int=30, # how long ranks wait for each other (rank 0 may first fill the feature caches)
+                    )->torch.device|None:
+    "Under torchrun: join the process group once (nccl on CUDA, gloo on CPU) and return this rank's device; None in a plain process."
+    _, world, local = dist_env()
+    if world == 1: return None
+    cuda = torch.cuda.is_available()
+    device = torch.device('cuda', local) if cuda else torch.device('cpu')
+    if cuda: torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=timeout_min),
+                                **(dict(device_id=device) if cuda else {}))
+    return device
+
+def finish_distributed():
+    "Leave the process group (end of a torchrun program); nothing in a plain process."
+    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+
+def world_size()->int:
+    "How many processes train together (1 without torchrun)."
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def rank()->int:
+    "This process's rank, 0 .. world_size() - 1 (0 without torchrun)."
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+def is_main()->bool:
+    "Is this rank 0, the process that writes the run folder and prints?"
+    return rank() == 0
+
+def rank_seed(seed:int)->int:
+    "This rank's seed for dropout and PPT pairs: `seed` itself on rank 0."
+    return seed + RANK_SEED_STRIDE * rank()
+
+def log_main(*msg):
+    "`log` on rank 0 only (every process logs in a single-process run)."
+    if is_main(): log(*msg)
+
+def rank_slice(order:np.ndarray, # the seeded order of example indices, the same on every rank
+               i:int, # global micro-batch number (step × grad_accum + accumulation index)
+               batch_size:int, # examples per rank
+               r:int=0, w:int=1, # this rank, number of ranks
+              )->np.ndarray:
+    "Rank `r`'s examples of global micro-batch `i`: the `r`-th block of `batch_size` among its `batch_size × w` examples."
+    return order[(i * w + r) * batch_size:][:batch_size]
+
+# %% ../nbs/05_llm.ipynb #0dce8ba6
+def _comm_device()->torch.device:
+    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+
+def mean_over_ranks(values:dict, # name -> number, e.g. one step's losses
+                   )->dict:
+    "Each number's mean over the ranks (float64 all-reduce); a single process gets `values` back untouched."
+    if world_size() == 1: return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world_size()).tolist()))
+
+def gather_objects(obj, # anything picklable
+                  )->list:
+    "Every rank's `obj` (anything picklable) in rank order, on every rank."
+    if world_size() == 1: return [obj]
+    out = [None] * world_size(); dist.all_gather_object(out, obj)
+    return out
+
+def ddp(model:SpeederRecommender, # the model on this rank's device
+       )->nn.Module:
+    "Under torchrun: `model` in DistributedDataParallel (gradients averaged over ranks during backward); else `model` itself."
+    if world_size() == 1: return model
+    from torch.nn.parallel import DistributedDataParallel
+    dev = model.device
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == 'cuda' else None,
+                                   find_unused_parameters=True, forward_sync_buffers=False)
+
+def grad_sync(net:nn.Module, # `ddp(model)`
+              sync:bool, # exchange gradients in this backward (the last micro-batch of a step)?
+             ):
+    "Context for one forward + backward: DDP's `no_sync()` unless `sync` (the micro-batches before the last); else nothing."
+    return contextlib.nullcontext() if sync or not hasattr(net, 'no_sync') else net.no_sync()
+
+def launch_hint(n:int, # number of processes
+               )->str:
+    "How to start a program with `n` processes (for error messages)."
+    return 'as a plain process (no torchrun)' if n == 1 else f'with torchrun --nproc_per_node {n}'
+
+def rng_state(gen:torch.Generator, # the PPT pair generator of `fit`
+             )->dict:
+    "Random states for a checkpoint: this process's; under DDP also every rank's (`rank_rng`: rank 0 writes them all)."
+    mine = dict(generator=gen.get_state(), torch_rng=torch.get_rng_state())
+    return mine if world_size() == 1 else dict(mine, world_size=world_size(), rank_rng=gather_objects(mine))
+
+def restore_rng_state(state:dict, # a checkpoint's `get_state()`
+                      gen:torch.Generator, # the PPT pair generator of `fit`
+                     ):
+    "Set the random states `rng_state` saved, each rank its own; the world size must be the one that wrote them."
+    saved = state.get('world_size', 1)
+    if saved != world_size():
+        raise SpeederError(f'this checkpoint was written by {saved} process(es) and this run has {world_size()}: the global batch and '
+                           f'the data slices would change; continue it {launch_hint(saved)}')
+    mine = state['rank_rng'][rank()] if saved > 1 else state
+    gen.set_state(mine['generator']); torch.set_rng_state(mine['torch_rng'])
+
+# %% ../nbs/05_llm.ipynb #55962e5f
+class RankZeroError(SpeederError):
+    "An error rank 0 met in work only it does (`on_main`), raised on every other rank too; rank 0 reports it."
+
+def on_main(fn, # work that only rank 0 may do (create the run folder, write files)
+            *args, **kwargs):
+    "Run `fn` on rank 0 only (it writes to disk) and hand every rank its result, or its error."
+    if world_size() == 1: return fn(*args, **kwargs)
+    box = [None]
+    if is_main():
+        try: box = [('ok', fn(*args, **kwargs))]
+        except Exception as e:
+            dist.broadcast_object_list([('error', str(e) if isinstance(e, SpeederError) else f'{type(e).__name__}: {e}')], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == 'error': raise RankZeroError(value)
+    return value
+
+@contextlib.contextmanager
+def main_first():
+    "Rank 0 runs the block first (filling caches on disk, logging), then the other ranks (reading them, silently); a plain `with` in one process."
+    if world_size() == 1: yield; return
+    if not is_main(): dist.barrier()
+    with contextlib.redirect_stderr(io.StringIO()) if not is_main() else contextlib.nullcontext(): yield
+    if is_main(): dist.barrier()
+
+def evaluate_sharded(model:SpeederRecommender, split:Split, # a split with saved candidates
+                     mode:str='generate', # 'generate' or 'score' (see `evaluate`)
+                     max_examples:int|None=None, # first n examples (None: all)
+                     batch_size:int|None=None, active=None)->dict:
+    "`evaluate`, with the examples split over the ranks in contiguous blocks and the answers gathered: the metrics of all examples, on every rank."
+    if world_size() == 1: return evaluate(model, split, mode, max_examples, batch_size, active)
+    if split.candidates is None: raise SpeederError('this split has no saved candidates; evaluate on valid or test')
+    n = len(split) if max_examples is None else min(max_examples, len(split))
+    mine = np.array_split(np.arange(n), world_size())[rank()]
+    t0 = time.time()
+    res = recommend(model, split.histories[mine], split.candidates[mine], mode, batch_size, active,
+                    progress_desc=f'evaluate ({mode})' if is_main() else None)
+    parts = gather_objects(dict(picks=res['picks'], scores=res['scores']))
+    secs = time.time() - t0
+    cands, targets = split.candidates[:n], split.targets[:n]
+    if mode == 'score': m = scorer_metrics(np.concatenate([p['scores'] for p in parts if p['scores'] is not None]), cands, targets)
+    else: m = generation_metrics([x for p in parts for x in p['picks']], targets)
+    return dict(m, mode=mode, seconds=secs, examples_per_s=n / secs if secs else None)
 
 # %% ../nbs/05_llm.ipynb #b3828f86
 def toy_split(n:int=8, n_items:int=60, seed:int=0)->Split:

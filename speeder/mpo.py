@@ -13,7 +13,8 @@ from .mrc import MODALITIES, plot_modality_attention
 from .spae import plot_ppl_similarity, plot_order_sensitivity
 from .features import item_features
 from .llm import (SpeederConfig, SpeederRecommender, load_backbone, fit, evaluate, recommend, training_split,
-                         order_sensitivity, sequence_table, save_weights, load_weights)
+                         order_sensitivity, sequence_table, save_weights, load_weights, init_distributed, world_size,
+                         is_main, log_main, on_main, main_first, evaluate_sharded, launch_hint)
 
 # %% auto #0
 __all__ = ['PARAM_GROUPS', 'DEFAULT_ORDER', 'STAGE_SHARES', 'RUN_SETTINGS', 'DEMO_DEFAULTS', 'ABLATIONS', 'MPOStage',
@@ -140,7 +141,7 @@ def _stage_record(model, stage, i, steps, hist, secs, valid, valid_examples):
                gate=model.mrc.gate, train_s=secs, final_loss=float(np.mean([r['lm_loss'] for r in hist[-10:]])))
     if valid is not None and valid_examples:
         for mode in ('score', 'generate'):
-            m = evaluate(model, valid, mode, valid_examples)
+            m = evaluate_sharded(model, valid, mode, valid_examples)
             res[f'valid_{mode}'] = {k: m[k] for k in ('hr1', 'valid_ratio', 'vhr1') if k in m}
     return res
 
@@ -158,22 +159,23 @@ def train_stages(model:SpeederRecommender, examples:Split, # training examples w
         stage = stages[i]
         params = set_trainable(model, stage.train)
         cfg = replace(model.cfg, max_steps=steps[i], lr=stage.lr or model.cfg.lr, seed=model.cfg.seed + i)
-        log(f'MPO stage {i + 1}/{len(stages)} "{stage.name}": active={",".join(stage.active)} train={",".join(stage.train)} '
-            f'steps={steps[i]} ({sum(p.numel() for p in params):,} parameters)')
+        log_main(f'MPO stage {i + 1}/{len(stages)} "{stage.name}": active={",".join(stage.active)} train={",".join(stage.train)} '
+                 f'steps={steps[i]} ({sum(p.numel() for p in params):,} parameters)')
         def on_step(step, get_state):
             nonlocal done
             done += 1; st['gates'].append(model.mrc.gate)
             if checkpoint_every and done % checkpoint_every == 0 and step < steps[i]:
-                save_checkpoint(model, run, f'step-{done:06d}', dict(st, stage=i, fit_state=get_state()))
+                fit_state = get_state()   # on every rank: it gathers each rank's random states; rank 0 writes
+                if is_main(): save_checkpoint(model, run, f'step-{done:06d}', dict(st, stage=i, fit_state=fit_state))
             if stop_after is not None and done >= stop_after: raise RunInterrupted(f'stopped after {done} steps')
         t0 = time.time()
         hist = fit(model, examples, cfg, params, active=stage.active, json_progress=json_progress,
                    state=st['fit_state'] if st['stage'] == i else None, on_step=on_step)
         rec = _stage_record(model, stage, i, steps[i], hist, time.time() - t0, valid, valid_examples)
-        log(f'MPO stage "{stage.name}" done: gate={rec["gate"]:.4f} ' + ' '.join(f'{k}={v}' for k, v in rec.items() if k.startswith('valid')))
+        log_main(f'MPO stage "{stage.name}" done: gate={rec["gate"]:.4f} ' + ' '.join(f'{k}={v}' for k, v in rec.items() if k.startswith('valid')))
         st = dict(st, stage=i + 1, fit_state=None, stage_results=st['stage_results'] + [rec],
                   history=st['history'] + [dict(r, stage=stage.name) for r in hist])
-        save_checkpoint(model, run, f'stage-{i}-{stage.name}', st)
+        if is_main(): save_checkpoint(model, run, f'stage-{i}-{stage.name}', st)
     set_trainable(model, PARAM_GROUPS)
     return st
 
@@ -196,9 +198,20 @@ def _load_run_config(run:Path)->tuple[SpeederConfig, dict, list]:
 
 def build_model(ds, cfg:SpeederConfig, root=None, device=None)->SpeederRecommender:
     "Item features (SASRec for the sequence modality when used) and a fresh recommender for `cfg`."
-    seq = sequence_table(ds, cfg.sequence_features) if 'sequence' in cfg.modalities else None
-    feats = item_features(ds, sequence=seq, root=root)
+    with main_first():   # under torchrun rank 0 computes and caches the features, then the other ranks read them
+        seq = sequence_table(ds, cfg.sequence_features) if 'sequence' in cfg.modalities else None
+        feats = item_features(ds, sequence=seq, root=root)
     return SpeederRecommender(feats, cfg, root=root, device=device)
+
+def _open_to_resume(run:Path)->tuple[SpeederConfig, dict, list]:
+    "A run's config, stages and settings, checking that its folder is writable and this is the world size that trained it."
+    cfg, settings, stages = _load_run_config(run)
+    saved = settings.get('world_size', 1)
+    if saved != world_size():
+        raise SpeederError(f'{run} was trained by {saved} process(es) and this is {world_size()}: the global batch and the data '
+                           f'slices would change; resume it {launch_hint(saved)}')
+    _check_writable(run)
+    return cfg, settings, stages
 
 def _check_hidden(model:SpeederRecommender, settings:dict):
     want = settings.get('llm_hidden')
@@ -218,29 +231,29 @@ def train_main(dataset:str='ml-100k', # dataset name
                **overrides)->dict:
     "Train Speeder with MPO, evaluate on the test candidates in both modes, write the run folder; returns the metrics."
     t_start = time.time()
+    device = init_distributed()   # under torchrun: this rank's GPU (or the CPU); None in a plain process
     if resume is not None:
         run = Path(resume)
-        cfg, settings, stages = _load_run_config(run)
-        _check_writable(run)
+        cfg, settings, stages = on_main(_open_to_resume, run)   # on_main: rank 0 does it, every rank gets the result
     else:
         settings = dict(dataset=dataset, images=str(images) if images else None, mpo=mpo, mpo_order=list(mpo_order),
-                        checkpoint_every=checkpoint_every, valid_examples=valid_examples)
+                        checkpoint_every=checkpoint_every, valid_examples=valid_examples, world_size=world_size())
         cfg = _config_for(settings, dict(overrides, llm=str(llm)))
-        run = new_run_dir(name or f'{dataset}-{Path(str(llm)).name}-{time.strftime("%Y%m%d-%H%M%S")}', runs_dir, overwrite)
+        run = on_main(new_run_dir, name or f'{dataset}-{Path(str(llm)).name}-{time.strftime("%Y%m%d-%H%M%S")}', runs_dir, overwrite)
     ds = load_dataset(settings['dataset'], root, images=settings['images'])
     has_images = ds.info.get('n_items_with_image', 0) > 0
     if resume is None:
         stages, notes = mpo_stages(cfg.modalities, has_images, tuple(settings['mpo_order']), settings['mpo'])
-        for n in notes: log(n)
+        for n in notes: log_main(n)
         settings['notes'] = notes
-    model = build_model(ds, cfg, root)
+    model = build_model(ds, cfg, root, device)
     _check_hidden(model, settings)
     settings['llm_hidden'] = model.hidden
-    (run/'config.json').write_text(json.dumps(dict(config=cfg.to_dict(), settings=settings,
-                                                   stages=[s.to_dict() for s in stages]), indent=1))
+    if is_main(): (run/'config.json').write_text(json.dumps(dict(config=cfg.to_dict(), settings=settings,
+                                                                 stages=[s.to_dict() for s in stages]), indent=1))
     state, ck = None, latest_checkpoint(run) if resume is not None else None
     if ck is not None:
-        log(f'resuming {run} from checkpoint {ck.name}')
+        log_main(f'resuming {run} from checkpoint {ck.name}')
         try: load_weights(model, ck)
         except RuntimeError as e: raise SpeederError(f'checkpoint {ck} does not fit this model: {str(e).splitlines()[0][:200]}') from None
         state = torch.load(ck/'state.pt', map_location='cpu', weights_only=False)
@@ -249,17 +262,18 @@ def train_main(dataset:str='ml-100k', # dataset name
     st = train_stages(model, examples, stages, run, cfg.max_steps, ds.valid, settings['valid_examples'],
                       settings['checkpoint_every'], state, json_progress, stop_after)
     train_s = time.time() - t0
-    gen = evaluate(model, ds.test, 'generate', cfg.eval_examples)
-    sc = evaluate(model, ds.test, 'score', cfg.eval_examples)
+    gen = evaluate_sharded(model, ds.test, 'generate', cfg.eval_examples)
+    sc = evaluate_sharded(model, ds.test, 'score', cfg.eval_examples)
     result = dict(dataset=settings['dataset'], llm=cfg.llm, backbone_is_stand_in=model.is_stand_in, run_dir=str(run),
                   hr1=gen['hr1'], valid_ratio=gen['valid_ratio'], vhr1=gen['vhr1'], vhr1_score=sc['vhr1'],
                   score_hr1=sc['hr1'], score_hr5=sc['hr5'], score_ndcg5=sc['ndcg5'], n_test=gen['n'],
                   stages=st['stage_results'], notes=settings.get('notes', []), train_examples=len(examples),
                   steps=len(st['history']), train_s=train_s, generate_s=gen['seconds'], score_s=sc['seconds'],
-                  wall_s=time.time() - t_start, device=str(model.device))
-    (run/'metrics.json').write_text(json.dumps(result, indent=1))
-    (run/'history.json').write_text(json.dumps(dict(history=st['history'], gates=st['gates'])))
-    save_weights(model, run)
+                  wall_s=time.time() - t_start, device=str(model.device), world_size=world_size())
+    if is_main():
+        (run/'metrics.json').write_text(json.dumps(result, indent=1))
+        (run/'history.json').write_text(json.dumps(dict(history=st['history'], gates=st['gates'])))
+        save_weights(model, run)
     return result
 
 # %% ../nbs/06_mpo.ipynb #a27012b6
