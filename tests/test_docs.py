@@ -62,7 +62,7 @@ def test_screenshots(processed, tmp_path):
     from PIL import Image
     import numpy as np
     cd.render(results=processed)
-    for stem in ('index', '00_data'):
+    for stem in ('index', '00_data', '09_explore'):
         nb = next(p for p in NBS if p.stem == stem)
         if processed[nb]['error']: continue
         png = cd.screenshot(cd.PREVIEW/cd.page_name(nb), tmp_path/f'{stem}.png')
@@ -135,8 +135,9 @@ def test_show_doc_names_follow_nbdev(tmp_path):
 def test_check_sidebar_and_config_catch_drift(tmp_path):
     _nb(tmp_path/'index.ipynb', ('md', '# I\n> s')); _nb(tmp_path/'00_data.ipynb', ('md', '# D\n> s'))
     (tmp_path/'sidebar.yml').write_text('website:\n  sidebar:\n    contents:\n      - index.ipynb\n      - 01_sasrec.ipynb\n')
-    errs = errors(cd.check_sidebar(tmp_path))
-    assert len(errs) == 2 and '01_sasrec.ipynb, which does not exist' in errs[0] and 'does not list 00_data.ipynb' in errs[1]
+    found = cd.check_sidebar(tmp_path)
+    assert errors(found) == ['ERROR [sidebar] sidebar.yml: does not list 00_data.ipynb']
+    assert [f.message for f in found if not f.error] == ['lists 01_sasrec.ipynb, which does not exist (yet): nbdev_docs drops it from the site']
     (tmp_path/'_quarto.yml').write_text('project:\n  type: website\nformat:\n  html:\n    css: nope.css\nmetadata-files: [nbdev.yml]\n')
     errs = errors(cd.check_site_config(tmp_path))
     assert any('sidebar.yml' in e for e in errs) and any('nope.css' in e for e in errs) and any('nbdev.yml' in e for e in errs)

@@ -98,11 +98,18 @@ def _first_line(s, n=90):
 def refresh_site_files(nbs=NBS):
     "What `nbdev_docs` does before processing: rewrite `nbdev.yml` from settings.ini and `sidebar.yml` from the notebooks."
     from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
+    side = nbs/'sidebar.yml'
+    before = side.read_text() if side.exists() else None
     cwd = os.getcwd(); os.chdir(ROOT)
     try:
         refresh_quarto_yml()
         nbdev_sidebar.__wrapped__(path=nbs)
     finally: os.chdir(cwd)
+    # sidebar.yml may list notebooks being written on other branches (they arrive with a merge); nbdev_sidebar drops
+    # them. Keep the committed file when that is its only difference, so checking the docs leaves the checkout clean.
+    if before is not None and before != side.read_text():
+        old, new = _listed(before), _listed(side.read_text())
+        if [x for x in old if (nbs/x).exists()] == new: side.write_text(before)
 
 def _proc_one(args):
     "Worker (`--proc-one SRC DST`, own interpreter): process one notebook with nbdev's `FilterDefaults`, as `nbdev_proc_nbs` does; report warnings and errors."
@@ -322,11 +329,9 @@ def check_site_config(nbs=NBS):
         out.append(Finding('config', 'nbdev.yml', 'missing or stale (refresh_quarto_yml writes it from settings.ini)'))
     return out
 
-def check_sidebar(nbs=NBS):
-    "sidebar.yml lists every notebook present, and nothing that doesn't exist."
+def _listed(text:str)->list:
+    "The files a sidebar.yml lists, in order."
     import yaml
-    f = nbs/'sidebar.yml'
-    if not f.exists(): return [Finding('sidebar', 'sidebar.yml', 'missing (nbdev_sidebar writes it)')]
     listed = []
     def walk(items):
         for it in items or []:
@@ -335,8 +340,18 @@ def check_sidebar(nbs=NBS):
                 for k in ('href', 'file'):
                     if k in it: listed.append(it[k])
                 walk(it.get('contents'))
-    walk(yaml.safe_load(f.read_text())['website']['sidebar']['contents'])
-    out = [Finding('sidebar', 'sidebar.yml', f'lists {x}, which does not exist') for x in listed if not (nbs/x).exists()]
+    walk(((yaml.safe_load(text) or {}).get('website') or {}).get('sidebar', {}).get('contents'))
+    return listed
+
+def check_sidebar(nbs=NBS):
+    """sidebar.yml lists every notebook present. An entry whose notebook does not exist is a warning, not an error:
+    with `custom_sidebar = False` nbdev_docs rewrites sidebar.yml from the notebooks present (so a stale entry cannot
+    break the site), and the sidebar may name notebooks written on other branches before they are merged."""
+    f = nbs/'sidebar.yml'
+    if not f.exists(): return [Finding('sidebar', 'sidebar.yml', 'missing (nbdev_sidebar writes it)')]
+    listed = _listed(f.read_text())
+    out = [Finding('sidebar', 'sidebar.yml', f'lists {x}, which does not exist (yet): nbdev_docs drops it from the site', False)
+           for x in listed if not (nbs/x).exists()]
     present = [str(p.relative_to(nbs)) for p in notebooks(nbs)]
     out += [Finding('sidebar', 'sidebar.yml', f'does not list {x}') for x in present if x not in listed]
     return out
@@ -532,8 +547,8 @@ def render(nbs=NBS, results=None):
     for kind, x, depth in _sidebar_items(nbs):
         if kind == 'section': nav.append({'section': x, 'depth': depth}); continue
         p = nbs/x
-        nav.append({'href': page_name(p), 'title': _title_of(p) if p.exists() else f'{x} (missing)', 'depth': depth,
-                    'missing': not p.exists()})
+        if not p.exists(): continue          # not written yet (another branch): nbdev_docs leaves it out of the site
+        nav.append({'href': page_name(p), 'title': _title_of(p), 'depth': depth, 'missing': False})
     css = (HERE/'preview.css').read_text() + '\n' + ((nbs/'styles.css').read_text() if (nbs/'styles.css').exists() else '')
     ex = HTMLExporter(template_name='preview', extra_template_basedirs=[str(HERE/'templates')])
     ex.exclude_input_prompt = ex.exclude_output_prompt = True
