@@ -13,8 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['RATIOS', 'BENCH_METHODS', 'BENCH_COLUMNS', 'prompt_tokens', 'summary', 'peak_memory', 'training_throughput',
-           'step_breakdown', 'answer_tokens', 'answer_once', 'latency', 'bench_method', 'bench_ratios', 'bench_main',
-           'plot_bench', 'bench_markdown']
+           'step_breakdown', 'answer_tokens', 'answer_once', 'latency', 'answer_breakdown', 'bench_method',
+           'bench_ratios', 'bench_main', 'plot_bench', 'bench_markdown', 'breakdown_markdown']
 
 # %% ../nbs/08_bench.ipynb #2579b4cf
 from .data import SpeederError, log, progress, load_dataset, Split
@@ -126,6 +126,22 @@ def latency(model:SpeederRecommender, split:Split, mode:str='generate', # 'gener
     return dict(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)), per_request_ms=s['mean'] / batch_size)
 
 # %% ../nbs/08_bench.ipynb #ecff13d4
+@torch.no_grad()
+def answer_breakdown(model:SpeederRecommender, split:Split, new_tokens:int=2, calls:int=8)->dict:
+    "Mean milliseconds of the parts of a batch-1 generate call: prompt, item_tokens, prefill, decode."
+    model.eval(); dev = model.device
+    parts = dict(prompt=[], item_tokens=[], prefill=[], decode=[])
+    for c in range(calls):
+        h, cand = split.histories[c:c + 1], split.candidates[c:c + 1]
+        batch, t_prompt = _timed(lambda: model.prompt.batch(h, cand), dev)
+        with _autocast(dev):
+            E, t_items = _timed(lambda: model.embed(batch), dev)
+            _, t_prefill = _timed(lambda: model._lm(E, batch, keep=1, use_cache=True), dev)
+            _, t_all = _timed(lambda: generate_answers(model, batch, new_tokens, stop_at_eos=False), dev)
+        for k, v in zip(parts, (t_prompt, t_items, t_prefill, max(0.0, t_all - t_items - t_prefill))): parts[k].append(v)
+    return {k: float(np.mean(v)) for k, v in parts.items()}
+
+# %% ../nbs/08_bench.ipynb #d14576b7
 def bench_method(name:str, model:SpeederRecommender, examples:Split, split:Split, # train examples; requests (valid split)
                  train_steps:int=5, warmup:int=2, batch_size:int=8, calls:int=16, batch_sizes:tuple=(1, 16))->dict:
     "Tokens, training throughput, latency and peak memory of one method."
@@ -142,6 +158,7 @@ def bench_method(name:str, model:SpeederRecommender, examples:Split, split:Split
             for bs in batch_sizes:
                 lat = latency(model, split, mode, bs, calls if bs == 1 else max(2, calls // 4), 2, new_tokens)
                 row.update({f'{mode}_b{bs}_{k}': v for k, v in lat.items()})
+        row['answer_ms'] = answer_breakdown(model, split, new_tokens, max(2, calls // 2))
     row.update(train_peak_mb=peak_train['mb'], infer_peak_mb=peak_infer['mb'], memory_kind=peak_train['kind'])
     return row
 
@@ -229,7 +246,7 @@ def plot_bench(rows:list)->'plt.Figure':
     fig.tight_layout()
     return fig
 
-# %% ../nbs/08_bench.ipynb #521d61c0
+# %% ../nbs/08_bench.ipynb #64ed56d7
 BENCH_COLUMNS = [('prompt_tokens_mean', 'prompt tokens'), ('prompt_tokens_p95', 'p95'), ('examples_per_s', 'train ex/s'),
                  ('tokens_per_s', 'train tok/s'), ('generate_b1_p50_ms', 'generate b1 p50 ms'), ('generate_b1_p95_ms', 'p95'),
                  ('score_b1_p50_ms', 'score b1 p50 ms'), ('generate_b16_per_request_ms', 'generate b16 ms/req'),
@@ -240,8 +257,20 @@ def _cell(v)->str:
     return f'{v:.1f}' if isinstance(v, float) and v < 100 else f'{v:.0f}' if isinstance(v, float) else str(v)
 
 def bench_markdown(res:dict)->str:
-    "The benchmark as a markdown table, then its ratios."
+    "The benchmark as a markdown table, then Speeder's ratios against each text baseline in the run."
     head = '| method | ' + ' | '.join(h for _, h in BENCH_COLUMNS) + ' |'
     rows = ['| ' + r['method'] + ' | ' + ' | '.join(_cell(r.get(k)) for k, _ in BENCH_COLUMNS) + ' |' for r in res['rows']]
-    ratios = ', '.join(f'**{k}** {v:.2f}' for k, v in res['ratios'].items() if v is not None)
-    return '\n'.join([head, '|' + '---|' * (len(BENCH_COLUMNS) + 1), *rows]) + f'\n\nSpeeder against text-only: {ratios}.'
+    lines = []
+    for ref in [r['method'] for r in res['rows'] if r['method'] != 'speeder']:
+        ratios = ', '.join(f'**{k}** {v:.2f}' for k, v in bench_ratios(res['rows'], ref).items() if v is not None)
+        if ratios: lines.append(f'Speeder against {ref}: {ratios}.')
+    return '\n'.join([head, '|' + '---|' * (len(BENCH_COLUMNS) + 1), *rows]) + '\n\n' + '\n\n'.join(lines) + '\n\n' + breakdown_markdown(res['rows']) + \
+        '\n\n' + breakdown_markdown(res['rows'], 'answer_ms', 'one batch-1 generate call (ms)')
+
+def breakdown_markdown(rows:list, key:str='step_ms', title:str='one training step (ms)')->str:
+    "Where the time goes (ms), per method: `step_ms` (`step_breakdown`) or `answer_ms` (`answer_breakdown`)."
+    parts = list(rows[0].get(key, {}))
+    if not parts: return ''
+    head = f'| {title} | ' + ' | '.join(parts) + ' |'
+    body = ['| ' + r['method'] + ' | ' + ' | '.join(f"{r[key][p]:.0f}" for p in parts) + ' |' for r in rows if key in r]
+    return '\n'.join([head, '|' + '---|' * (len(parts) + 1), *body])
