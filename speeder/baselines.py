@@ -195,13 +195,22 @@ def _train_speeder(ds, cfg, examples, run:Path, root, json_progress):
     st = train_stages(model, examples, stages, run, cfg.max_steps, checkpoint_every=None, json_progress=json_progress)
     return model, st['history']
 
+def _finished_rows(path:Path, settings:dict)->dict:
+    "Rows of an earlier, interrupted comparison in the same folder with the same settings (method -> row)."
+    if not path.exists(): return {}
+    try: old = json.loads(path.read_text())
+    except json.JSONDecodeError as e: raise SpeederError(f'{path} is not valid JSON ({e.msg}); remove it or use another --out') from None
+    if old.get('settings') != settings:
+        raise SpeederError(f'{path} holds a comparison with other settings ({old.get("settings")}); use another --out')
+    return {r['method']: r for r in old['rows']}
+
 def compare_main(dataset:str='ml-100k', llm:str='smollm2', # dataset and backbone (as in `speeder train`)
                  methods:tuple=('speeder',) + BASELINES, # which LLM methods to train (SASRec is always reported)
                  out:str|Path|None=None, # folder for compare.json and the plot (default runs/compare-<dataset>-<llm>-<time>)
                  sasrec:bool=True, # also report SASRec (trained first if needed: ~1.5 min on ML-100k)
                  root=None, json_progress:bool=False,
                  **overrides)->dict:
-    "Train each method with the same budget and evaluate all on the same test candidates."
+    "Train each method with the same budget and evaluate all on the same test candidates (rerun with the same `out` to finish an interrupted one)."
     from speeder.mpo import runs_root, sasrec_result, _check_writable
     unknown = [m for m in methods if m != 'speeder' and m not in BASELINE_STAGES]
     if unknown: raise SpeederError(f'unknown method(s) {", ".join(unknown)}; known: speeder, {", ".join(BASELINES)}')
@@ -209,25 +218,30 @@ def compare_main(dataset:str='ml-100k', llm:str='smollm2', # dataset and backbon
     ds = load_dataset(dataset, root)
     run = Path(out) if out else runs_root()/f'compare-{dataset}-{Path(str(llm)).name}-{time.strftime("%Y%m%d-%H%M%S")}'
     _check_writable(run)
+    settings = dict(dataset=dataset, llm=str(llm), config=cfg.to_dict())
+    done = _finished_rows(run/'compare.json', settings)
     examples = training_split(ds, cfg.train_examples, cfg.n_candidates, cfg.seed)
-    seq = sequence_table(ds, cfg.sequence_features, root)
-    feats = item_features(ds, sequence=seq, root=root)
-    rows = []
+    budget = dict(steps=cfg.max_steps, batch_size=cfg.batch_size, train_examples=len(examples),
+                  eval_examples=min(cfg.eval_examples or len(ds.test), len(ds.test)))
+    res = dict(dataset=dataset, llm=str(llm), backbone_is_stand_in=str(llm) == 'tiny', budget=budget, settings=settings, rows=[], out=str(run))
+    feats = None
     for m in methods:
+        if m in done: log(f'compare: {m} is already done in {run/"compare.json"}; kept'); res['rows'].append(done[m]); continue
         log(f'compare: training {m} ({cfg.max_steps} steps of {cfg.batch_size})')
         torch.manual_seed(cfg.seed); t0 = time.time()
         if m == 'speeder': model, hist = _train_speeder(ds, cfg, examples, run/'speeder', root, json_progress)
-        else: model = baseline_model(m, ds, feats, cfg, root); hist = train_baseline(model, examples, cfg.max_steps, json_progress)
-        rows.append(_method_row(m, model, ds, examples, hist, time.time() - t0, cfg.eval_examples))
-        log(f'compare: {m}: ' + json.dumps({k: rows[-1][k] for k in ('hr1', 'valid_ratio', 'vhr1')}))
+        else:
+            feats = feats or item_features(ds, sequence=sequence_table(ds, cfg.sequence_features, root), root=root)
+            model = baseline_model(m, ds, feats, cfg, root); hist = train_baseline(model, examples, cfg.max_steps, json_progress)
+        res['rows'].append(_method_row(m, model, ds, examples, hist, time.time() - t0, cfg.eval_examples))
+        log(f'compare: {m}: ' + json.dumps({k: res['rows'][-1][k] for k in ('hr1', 'valid_ratio', 'vhr1')}))
+        (run/'compare.json').write_text(json.dumps(res, indent=1))   # each finished method is kept, whatever happens next
         del model
     if sasrec:   # SASRec ranks all 20 candidates: always valid, VHR@1 = HR@1; its test set is all test users
         sas = sasrec_result(ds, root); sas = sas.get('test', sas)
-        rows.append(dict(method='sasrec', hr1=sas['hr1'], valid_ratio=1.0, vhr1=sas['hr1'], n_test=len(ds.test)))
-    res = dict(dataset=dataset, llm=str(llm), backbone_is_stand_in=str(llm) == 'tiny', budget=dict(steps=cfg.max_steps,
-               batch_size=cfg.batch_size, train_examples=len(examples), eval_examples=rows[0]['n_test']), rows=rows, out=str(run))
+        res['rows'].append(dict(method='sasrec', hr1=sas['hr1'], valid_ratio=1.0, vhr1=sas['hr1'], n_test=len(ds.test)))
     (run/'compare.json').write_text(json.dumps(res, indent=1))
-    res['plot'] = str(save_figure(plot_compare(rows), run/'compare.png'))
+    res['plot'] = str(save_figure(plot_compare(res['rows']), run/'compare.png'))
     return res
 
 # %% ../nbs/07_baselines.ipynb #2b288132

@@ -107,3 +107,14 @@ def test_bad_methods_are_named(tmp_path):
         r = run_cli(cmd, '--llm', 'tiny', '--methods', 'speeder,tallrec', '--out', str(tmp_path/cmd), '--json')
         assert r.returncode == 2 and 'tallrec' in r.stderr and 'Traceback' not in r.stderr
         assert json.loads(r.stdout.strip().splitlines()[-1])['error']
+
+def test_compare_keeps_finished_methods(tmp_path):
+    from speeder.baselines import compare_main
+    tiny = dict(max_steps=2, batch_size=4, train_examples=16, eval_examples=8, sequence_features='zeros', lora_r=4, d_model=32, n_heads=2)
+    first = compare_main('ml-100k', 'tiny', ('text-only',), tmp_path, sasrec=False, **tiny)
+    (tmp_path/'compare.json').write_text(json.dumps(dict(json.loads((tmp_path/'compare.json').read_text()),
+                                                         rows=[dict(first['rows'][0], train_s=-1.0)])))   # mark the kept row
+    again = compare_main('ml-100k', 'tiny', ('text-only', 'speeder'), tmp_path, sasrec=False, **tiny)
+    assert [r['method'] for r in again['rows']] == ['text-only', 'speeder'] and again['rows'][0]['train_s'] == -1.0   # not retrained
+    with pytest.raises(SpeederError, match='other settings'):
+        compare_main('ml-100k', 'tiny', ('text-only',), tmp_path, sasrec=False, **dict(tiny, max_steps=3))
