@@ -151,6 +151,7 @@ def baseline_model(method:str, # one of `BASELINES`
     model = SpeederRecommender(features, cfg, backbone=(llm, tok), root=root, device=device,
                                prompt=lambda _: formats[BASELINE_STAGES[method][-1][0]], item_encoder=proj)
     model.formats, model.method = formats, method
+    trainable_for(model, model.prompt.item_token)   # what the method trains: LoRA, and its projector when it reads item tokens
     return model
 
 # %% ../nbs/07_baselines.ipynb #d2ad62fa

@@ -21,7 +21,7 @@ from .data import SpeederError, log, progress, load_dataset, Split
 from .features import item_features
 from .llm import (SpeederConfig, SpeederRecommender, fit, training_split, sequence_table, score_candidates, generate_answers,
                          _autocast)
-from .baselines import BASELINES, baseline_model, trainable_for, save_figure
+from .baselines import BASELINES, baseline_model, save_figure
 
 # %% ../nbs/08_bench.ipynb #c8230379
 def prompt_tokens(prompt, split:Split, n:int|None=None)->np.ndarray:
@@ -100,9 +100,8 @@ def step_breakdown(model:SpeederRecommender, examples:Split, batch_size:int=8, r
 # %% ../nbs/08_bench.ipynb #e30acad1
 def answer_tokens(model:SpeederRecommender, split:Split, n:int=64)->int:
     "Median answer length (tokens, with the end token) of the first `n` examples: the decode length timed."
-    p = model.prompt
-    if p.can_score: return 2
-    return int(np.median([len(p.answer_ids(t)) for t in split.targets[:n]]))
+    batch = model.prompt.batch(split.histories[:n], split.candidates[:n], split.targets[:n])
+    return int(np.median(batch['answer_mask'].sum(1).numpy()))
 
 @torch.no_grad()
 def answer_once(model:SpeederRecommender, histories, candidates, mode:str, new_tokens:int=2):
@@ -146,10 +145,9 @@ def bench_method(name:str, model:SpeederRecommender, examples:Split, split:Split
                  train_steps:int=5, warmup:int=2, batch_size:int=8, calls:int=16, batch_sizes:tuple=(1, 16))->dict:
     "Tokens, training throughput, latency and peak memory of one method."
     tok = summary(prompt_tokens(model.prompt, split, 64))
-    params = trainable_for(model, model.prompt.item_token) if hasattr(model.prompt, 'item_token') else None
-    with peak_memory(model.device) as peak_train:
-        train = training_throughput(model, examples, train_steps, warmup, batch_size, params)
-        train['step_ms'] = step_breakdown(model, examples, batch_size, params=params)
+    with peak_memory(model.device) as peak_train:   # what trains is what the model leaves trainable (see `baseline_model`)
+        train = training_throughput(model, examples, train_steps, warmup, batch_size)
+        train['step_ms'] = step_breakdown(model, examples, batch_size)
     new_tokens = answer_tokens(model, split)
     row = dict(method=name, prompt_tokens_mean=tok['mean'], prompt_tokens_p95=tok['p95'], **train, answer_tokens=new_tokens)
     modes = ('generate', 'score') if model.prompt.can_score else ('generate',)

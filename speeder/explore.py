@@ -15,13 +15,13 @@ from .data import SpeederError, Split, Dataset, item_text, read_raw, log
 from .mrc import MODALITIES, plot_modality_attention
 from .spae import plot_ppl_similarity
 from .llm import SpeederRecommender, SpeederConfig, recommend, reorder_histories
-from .mpo import load_trained, run_attention, train_main
+from .mpo import load_trained, run_attention, train_main, test_row
 from .sasrec import SASRec, load_sasrec, sasrec_scores
 
 # %% auto #0
 __all__ = ['EXPLORE_RUNS_ENV', 'TINY_EXPLORE', 'tiny_runs', 'explore_runs', 'ExploredRun', 'open_run', 'users_with_test',
-           'test_row', 'answer_user', 'plot_candidate_scores', 'plot_item_attention', 'probe_histories',
-           'position_probe', 'plot_position_probe', 'ExplorerApp', 'explore']
+           'answer_user', 'plot_candidate_scores', 'plot_item_attention', 'probe_histories', 'position_probe',
+           'plot_position_probe', 'ExplorerApp', 'explore']
 
 # %% ../nbs/09_explore.ipynb #ce9587d4
 EXPLORE_RUNS_ENV = 'SPEEDER_EXPLORE_RUNS'   # run folders to explore, separated by os.pathsep
@@ -100,16 +100,6 @@ def users_with_test(ds:Dataset, # a processed dataset
     "Raw ids of the users who have a test example, in the test split's order."
     ids = ds.info['user_ids']
     return [str(ids[u]) for u in dict.fromkeys(ds.test.users.tolist())]
-
-def test_row(ds:Dataset, # a processed dataset
-             user:str, # raw user id
-            )->int:
-    "Row of `user`'s test example in `ds.test`."
-    users = [str(u) for u in ds.info['user_ids']]
-    if str(user) not in users: raise SpeederError(f'unknown user {user!r} in {ds.name} (ids like {", ".join(users[:3])}, ...)')
-    rows = np.nonzero(ds.test.users == users.index(str(user)))[0]
-    if not len(rows): raise SpeederError(f'user {user} has no test example in {ds.name} (fewer than 3 interactions)')
-    return int(rows[0])
 
 # %% ../nbs/09_explore.ipynb #23cc68a8
 def _when(ts)->str:

@@ -21,8 +21,8 @@ __all__ = ['PARAM_GROUPS', 'DEFAULT_ORDER', 'STAGE_SHARES', 'RUN_SETTINGS', 'DEM
            'group_parameters', 'set_trainable', 'mpo_stages', 'runs_root', 'new_run_dir', 'save_checkpoint',
            'latest_checkpoint', 'RunInterrupted', 'stage_steps', 'train_stages', 'build_model', 'train_main',
            'plot_stage_losses', 'plot_gate', 'run_attention', 'write_report', 'write_plots', 'sasrec_result',
-           'demo_main', 'load_trained', 'evaluate_main', 'recommend_main', 'ablation_overrides', 'plot_ablation',
-           'ablate_main']
+           'demo_main', 'load_trained', 'evaluate_main', 'test_row', 'recommend_main', 'ablation_overrides',
+           'plot_ablation', 'ablate_main']
 
 # %% ../nbs/06_mpo.ipynb #5e708494
 PARAM_GROUPS = ('text', 'vision', 'sequence', 'shared', 'ppl', 'ppt', 'lora')
@@ -396,15 +396,20 @@ def evaluate_main(run_dir:str|Path, mode:str='generate', eval_examples:int|None=
     m = evaluate(model, ds.test, mode, eval_examples)
     return dict(run_dir=str(run_dir), dataset=ds.name, llm=cfg.llm, backbone_is_stand_in=model.is_stand_in, **m)
 
+def test_row(ds, # a processed `Dataset`
+             user:str, # raw user id
+            )->int:
+    "Row of `user`'s test example in `ds.test`."
+    users = [str(u) for u in ds.info['user_ids']]
+    if str(user) not in users: raise SpeederError(f'unknown user {user!r} in {ds.name} (ids like {", ".join(users[:3])}, ...)')
+    rows = np.nonzero(ds.test.users == users.index(str(user)))[0]
+    if not len(rows): raise SpeederError(f'user {user} has no test example in {ds.name} (fewer than 3 interactions)')
+    return int(rows[0])
+
 def recommend_main(run_dir:str|Path, user:str, root=None)->dict:
     "A user's history titles, the 20 test candidates and the model's pick in both modes."
     model, ds, cfg = load_trained(run_dir, root)
-    users = ds.info['user_ids']
-    if str(user) not in users: raise SpeederError(f'unknown user {user!r} in {ds.name} (ids like {", ".join(users[:3])}, ...)')
-    u = users.index(str(user))
-    rows = np.nonzero(ds.test.users == u)[0]
-    if not len(rows): raise SpeederError(f'user {user} has no test example (fewer than 3 interactions)')
-    r = rows[0]
+    r = test_row(ds, user)
     h, c, t = ds.test.histories[r:r + 1], ds.test.candidates[r:r + 1], int(ds.test.targets[r])
     gen, sc = recommend(model, h, c, 'generate'), recommend(model, h, c, 'score')
     title = lambda i: item_text(ds.items[int(i)])
