@@ -4,19 +4,21 @@
 
 # %% ../nbs/00_data.ipynb #4ebe1052
 from __future__ import annotations
-import ast, gzip, hashlib, json, os, re, shutil, subprocess, sys, tempfile, zipfile
+import ast, contextlib, gzip, hashlib, json, os, random, re, shutil, subprocess, sys, tempfile, zipfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['ASSETS', 'ITEM_FIELDS', 'ML_GENRES', 'IMAGE_SUFFIXES', 'KNOWN_DATASETS', 'PROTOCOL_VERSION', 'SpeederError', 'log',
-           'progress', 'project_root', 'data_root', 'Asset', 'sha256_file', 'asset_dir', 'fetch_asset', 'assets_status',
-           'item_record', 'RawData', 'read_movielens', 'find_image', 'read_amazon', 'write_amazon_fixture', 'kcore',
-           'Split', 'make_examples', 'sample_candidates', 'Dataset', 'dataset_format', 'read_raw', 'build_dataset',
-           'save_dataset', 'load_processed', 'prepare_dataset', 'load_dataset', 'item_text', 'target_ranks', 'hit_rate',
-           'ndcg', 'target_positions', 'scorer_metrics', 'generation_metrics', 'named_candidates', 'pick_from_answer']
+__all__ = ['ASSETS', 'ITEM_FIELDS', 'ML_GENRES', 'MOVIELENS_FILES', 'IMAGE_SUFFIXES', 'KNOWN_DATASETS', 'PROTOCOL_VERSION',
+           'SpeederError', 'log', 'progress', 'first_line', 'atomic_write', 'atomic_folder', 'seed_everything',
+           'project_root', 'data_root', 'Asset', 'sha256_file', 'asset_dir', 'fetch_asset', 'assets_status',
+           'item_record', 'RawData', 'read_movielens', 'find_image', 'open_image', 'check_item_images', 'read_amazon',
+           'write_amazon_fixture', 'kcore', 'Split', 'make_examples', 'sample_candidates', 'Dataset', 'dataset_format',
+           'read_raw', 'build_dataset', 'save_dataset', 'load_processed', 'prepare_dataset', 'load_dataset',
+           'item_text', 'target_ranks', 'hit_rate', 'ndcg', 'target_positions', 'scorer_metrics', 'generation_metrics',
+           'named_candidates', 'pick_from_answer']
 
 # %% ../nbs/00_data.ipynb #56fe5004
 class SpeederError(Exception):
@@ -29,6 +31,46 @@ def log(*msg):
 def progress(iterable=None, **kwargs):
     "A tqdm progress bar that always writes to stderr."
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+def first_line(e:Exception, # an error raised by a library
+              )->str:
+    "The first line of an error's message (at most 200 characters), to quote it in a one-line `SpeederError`."
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+# %% ../nbs/00_data.ipynb #53618822
+def atomic_write(path:str|Path, # the file to write
+                 write, # called as write(tmp_path) to fill a temporary file next to `path`
+                )->Path:
+    "Write a file through a temporary file next to it and a rename: readers never see half a file."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.'); os.close(fd)
+    try: write(Path(tmp)); os.chmod(tmp, 0o644); os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.unlink(tmp)
+    return path
+
+@contextlib.contextmanager
+def atomic_folder(dest:str|Path, # the folder to create
+                  replace:bool=False, # False: if `dest` appeared meanwhile (another process), keep it; True: replace it
+                 ):
+    "Fill a temporary folder next to `dest` (yielded); on success it is renamed onto `dest`, on error removed."
+    dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}.'))
+    try: yield tmp
+    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    tmp.chmod(0o755)
+    if dest.exists():
+        if not replace: shutil.rmtree(tmp, ignore_errors=True); return
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}.old.')); old.rmdir()
+        dest.rename(old); tmp.rename(dest); shutil.rmtree(old, ignore_errors=True); return
+    try: tmp.rename(dest)
+    except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process got there first: keep theirs
+
+def seed_everything(seed:int, # the seed of Python's, NumPy's and torch's global generators
+                   ):
+    "Seed every global random generator (Python, NumPy, torch) in one call."
+    import torch
+    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
 # %% ../nbs/00_data.ipynb #a84e911d
 def project_root(start:Path|None=None # folder to search upwards from (default: the working directory)
@@ -79,12 +121,28 @@ ASSETS = {a.name: a for a in [
 ]}
 
 # %% ../nbs/00_data.ipynb #5713f3b1
-def sha256_file(path:Path)->str:
-    "Hex sha256 of a file, read in chunks."
+def _sha256(path:Path)->str:
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1<<20), b''): h.update(chunk)
     return h.hexdigest()
+
+def sha256_file(path:str|Path, # a file
+                memo:str|Path|None=None, # a JSON file remembering digests by (path, size, mtime); None: always hash
+               )->str:
+    "Hex sha256 of a file; with `memo`, a large file is hashed once and remembered until it changes."
+    path = Path(path).resolve()
+    if memo is None: return _sha256(path)
+    st, memo = path.stat(), Path(memo)
+    try: known = json.loads(memo.read_text())
+    except (OSError, ValueError): known = {}
+    rec = known.get(str(path))
+    if rec and rec.get('size') == st.st_size and rec.get('mtime_ns') == st.st_mtime_ns: return rec['sha256']
+    digest = _sha256(path)
+    known = {k: v for k, v in known.items() if os.path.exists(k)}   # forget files that are gone
+    known[str(path)] = dict(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+    atomic_write(memo, lambda t: t.write_text(json.dumps(known, indent=0)))
+    return digest
 
 def asset_dir(name:str, root:Path|None=None)->Path:
     "Cache folder of asset `name`."
@@ -119,19 +177,9 @@ def _download_wheel(package:str, dest:Path)->Path:
         os.replace(got[0], dest/got[0].name)
         return dest/got[0].name
 
-def _atomic_copy(src, out:Path):
-    "Stream `src` into `out` through a temporary file in the same folder, so readers never see half a file."
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f'.{out.name}.')
-    with os.fdopen(fd, 'wb') as dst: shutil.copyfileobj(src, dst)
-    os.replace(tmp, out)
 
-def _unzip_atomic(archive:Path, dest:Path):
-    "Extract `archive` into `dest` via a temporary folder (safe when two processes fetch at once)."
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}.'))
-    with zipfile.ZipFile(archive) as zf: zf.extractall(tmp)
-    if dest.exists(): shutil.rmtree(tmp); return
-    try: tmp.rename(dest)
-    except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process got there first
+def _stream_into(src, path:Path):
+    with open(path, 'wb') as dst: shutil.copyfileobj(src, dst)
 
 def fetch_asset(name:str, # an entry of `ASSETS`
                 root:str|Path|None=None, # data folder (see `data_root`)
@@ -144,12 +192,14 @@ def fetch_asset(name:str, # an entry of `ASSETS`
     with zipfile.ZipFile(wheel) as zf:
         for member, want in zip(asset.members, asset.sha256):
             out = adir/Path(member).name
-            with zf.open(member) as src: _atomic_copy(src, out)
+            with zf.open(member) as src: atomic_write(out, lambda t: _stream_into(src, t))
             got = sha256_file(out)
             if got != want:
                 out.unlink()
-                raise SpeederError(f'{asset.package}:{member} has sha256 {got[:12]}..., expected {want[:12]}...; refusing to use it')
-            if asset.unpack: _unzip_atomic(out, adir/out.stem)
+                raise SpeederError(f'{asset.package}:{member} has sha256 {got[:12]}..., expected {want[:12]}...; '
+                                   'refusing to use it')
+            if asset.unpack:
+                with atomic_folder(adir/out.stem) as tmp, zipfile.ZipFile(out) as archive: archive.extractall(tmp)
     (adir/'verified.json').write_text(json.dumps({'package': asset.package, 'members': list(asset.members),
                                                    'sha256': list(asset.sha256)}, indent=1))
     return adir
@@ -228,6 +278,8 @@ def _read_recbole(inter_file:Path, item_file:Path)->RawData:
         items[r['item_id']] = item_record(title, r.get('release_year') or year, r.get('class', '').split())
     return RawData(inter, items, f'RecBole atomic files {inter_file.name}, {item_file.name}', [inter_file, item_file])
 
+MOVIELENS_FILES = 'u.data + u.item (GroupLens) or <name>.inter + <name>.item (RecBole)'
+
 def read_movielens(d:Path # folder with `u.data` + `u.item`, or `*.inter` + `*.item`
                   )->RawData:
     "Read MovieLens in GroupLens or RecBole atomic format."
@@ -235,7 +287,9 @@ def read_movielens(d:Path # folder with `u.data` + `u.item`, or `*.inter` + `*.i
     if (d/'u.data').exists() and (d/'u.item').exists(): return _read_grouplens(d)
     inters, items = sorted(d.glob('*.inter')), sorted(d.glob('*.item'))
     if inters and items: return _read_recbole(inters[0], items[0])
-    raise SpeederError(f'{d}: no MovieLens files found (need u.data + u.item, or <name>.inter + <name>.item)')
+    found = sorted(p.name for p in d.iterdir() if p.is_file())[:5] if d.is_dir() else []
+    raise SpeederError(f'{d} holds no MovieLens files: it needs {MOVIELENS_FILES}'
+                       + (f'; found {", ".join(found)}' if found else ''))
 
 # %% ../nbs/00_data.ipynb #4036ce08
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
@@ -291,6 +345,31 @@ def find_image(images:Path, item_id:str)->Path|None:
         p = images/f'{item_id}{suf}'
         if p.exists(): return p
     return None
+
+def open_image(path:str|Path, # an image file
+              ):
+    "Open and fully decode an image as RGB; a missing or corrupt file raises `SpeederError` naming it."
+    from PIL import Image
+    try:
+        with Image.open(path) as im: im.load(); return im.convert('RGB')
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise SpeederError(f'image {path} cannot be read: {first_line(e)}') from None
+
+def check_item_images(items:list, # item records (row = item id), their `image` a path or None
+                      skip_bad_images:bool=False, # mask unreadable images out (image = None) instead of failing
+                     )->list:
+    "Decode every item image once; returns `[item id, path, why]` of each unreadable one (masked when skipping)."
+    bad = []
+    for i, it in enumerate(items):
+        if not it or not it.get('image'): continue
+        try: open_image(it['image'])
+        except SpeederError as e:
+            if not skip_bad_images:
+                raise SpeederError(f"item {i}: {e}; fix or remove the file, or pass --skip-bad-images to treat the item "
+                                   'as having no image') from None
+            bad.append([i, it['image'], str(e)]); it['image'] = None
+    if bad: log(f'{len(bad)} unreadable item image(s) masked out (--skip-bad-images): ' + ', '.join(p for _, p, _ in bad[:5]))
+    return bad
 
 def _amazon_files(d:Path):
     files = [p for p in sorted(d.iterdir()) if p.is_file() and re.search(r'\.(json|jsonl)(\.gz)?$', p.name)]
@@ -458,9 +537,8 @@ def read_raw(name:str, root:Path|None=None, raw_dir:Path|None=None, images:Path|
         if not _has_files(raw_dir): raise SpeederError(f'data folder {raw_dir} is missing or empty: put the Amazon review and meta_ files there (or pass --raw-dir)')
         return read_amazon(raw_dir, images)
     if images is not None: raise SpeederError(f'{name} has no item images; --images applies to Amazon datasets')
-    user_files = (raw_dir/'u.data').exists() or any(raw_dir.glob('*.inter')) if raw_dir.is_dir() else False
-    if user_files: return read_movielens(raw_dir)
-    if name != 'ml-100k': raise SpeederError(f'data folder {raw_dir} has no MovieLens files (u.data + u.item or *.inter + *.item)')
+    if _has_files(raw_dir): return read_movielens(raw_dir)   # the user's files, or a clear error: never a silent fallback
+    if name != 'ml-100k': raise SpeederError(f'data folder {raw_dir} has no MovieLens files ({MOVIELENS_FILES})')
     raw = read_movielens(fetch_asset('ml-100k', root))
     raw.source = f'packaged asset {ASSETS["ml-100k"].package} (recbole/dataset_example/ml-100k)'
     return raw
@@ -493,8 +571,15 @@ def _load_split(path:Path)->Split:
     z = np.load(path)
     return Split(z['users'], z['histories'], z['targets'], z['candidates'] if 'candidates' in z else None)
 
-def build_dataset(name:str, raw:RawData, kcore_k:int, max_history:int=10, n_candidates:int=20, seed:int=0)->Dataset:
-    "Filter, map ids, split and draw candidates (no caching; see `prepare_dataset`)."
+def build_dataset(name:str, # the dataset's name
+                  raw:RawData, # what its reader returned
+                  kcore_k:int, # k-core filter (0 or 1: none)
+                  max_history:int=10, # history slots per example
+                  n_candidates:int=20, # candidates per valid / test example
+                  seed:int=0, # seed of the candidate draws
+                  skip_bad_images:bool=False, # mask unreadable item images out instead of failing
+                 )->Dataset:
+    "Filter, map ids, check images, split and draw candidates (no caching; see `prepare_dataset`)."
     n_raw = dict(n_users_raw=len({u for u, _, _ in raw.interactions}), n_items_raw=len(raw.items) or len({i for _, i, _ in raw.interactions}),
                  n_interactions_raw=len(raw.interactions))
     titled = {i for i, it in raw.items.items() if it['title']}
@@ -504,6 +589,7 @@ def build_dataset(name:str, raw:RawData, kcore_k:int, max_history:int=10, n_cand
     if not inter: raise SpeederError(f'{name}: no interactions left after {kcore_k}-core filtering')
     seqs, user_ids, item_ids = _to_sequences(inter)
     items = [item_record()] + [raw.items[i] for i in item_ids[1:]]
+    bad_images = check_item_images(items, skip_bad_images)
     splits = make_examples(seqs, max_history)
     for k, off in (('valid', 1), ('test', 2)):
         splits[k].candidates = sample_candidates(splits[k], seqs, len(item_ids) - 1, n_candidates, seed + off)
@@ -511,20 +597,20 @@ def build_dataset(name:str, raw:RawData, kcore_k:int, max_history:int=10, n_cand
                 n_users=len(seqs), n_items=len(item_ids) - 1, n_interactions=len(inter),
                 n_train=len(splits['train']), n_valid=len(splits['valid']), n_test=len(splits['test']),
                 n_candidates=n_candidates, max_history=max_history, seed=seed,
-                n_items_with_image=sum(1 for it in items[1:] if it['image']), user_ids=user_ids)
+                n_items_with_image=sum(1 for it in items[1:] if it['image']), n_bad_images=len(bad_images),
+                bad_images=bad_images[:20], user_ids=user_ids)
     return Dataset(name, raw.source, items, item_ids, seqs, splits['train'], splits['valid'], splits['test'], info)
 
-def save_dataset(ds:Dataset, out:Path, fingerprint:str):
-    "Write a dataset to `out` (written to a temporary folder first, then swapped in)."
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix='.processed.'))
-    (tmp/'items.json').write_text(json.dumps({'items': ds.items, 'raw_item_ids': ds.raw_item_ids}))
-    (tmp/'sequences.json').write_text(json.dumps(ds.sequences))
-    for k in ('train', 'valid', 'test'): _save_split(tmp/f'{k}.npz', getattr(ds, k))
-    (tmp/'info.json').write_text(json.dumps(dict(ds.info, fingerprint=fingerprint), indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    try: tmp.rename(out)
-    except OSError: shutil.rmtree(tmp, ignore_errors=True)   # a concurrent build of the same inputs won the race
+def save_dataset(ds:Dataset, # a built dataset
+                 out:Path, # its `processed/` folder
+                 fingerprint:str, # what it was built from (raw files and protocol parameters)
+                ):
+    "Write a dataset to `out` (a temporary folder first, then swapped in whole)."
+    with atomic_folder(out, replace=True) as tmp:
+        (tmp/'items.json').write_text(json.dumps({'items': ds.items, 'raw_item_ids': ds.raw_item_ids}))
+        (tmp/'sequences.json').write_text(json.dumps(ds.sequences))
+        for k in ('train', 'valid', 'test'): _save_split(tmp/f'{k}.npz', getattr(ds, k))
+        (tmp/'info.json').write_text(json.dumps(dict(ds.info, fingerprint=fingerprint), indent=1))
 
 def load_processed(out:Path)->Dataset:
     "Load a dataset written by `save_dataset`."
@@ -539,18 +625,23 @@ def prepare_dataset(name:str='ml-100k', # `ml-100k` or `amazon-<category>`
                     raw_dir:str|Path|None=None, # folder with the raw files (default `data/<name>/`)
                     images:str|Path|None=None, # Amazon: folder of item images named by item id
                     kcore_k:int|None=None, # k-core; default 5 for Amazon, 0 (none) for MovieLens
-                    max_history:int=10, n_candidates:int=20, seed:int=0)->Dataset:
+                    max_history:int=10, # history slots per example
+                    n_candidates:int=20, # candidates per valid / test example
+                    seed:int=0, # seed of the candidate draws
+                    skip_bad_images:bool=False, # mask unreadable item images out instead of failing
+                   )->Dataset:
     "Read, filter, split and draw candidates for a dataset; cached under `data/<name>/processed/`."
     fmt = dataset_format(name)
     if kcore_k is None: kcore_k = 5 if fmt == 'amazon' else 0
     raw = read_raw(name, root, Path(raw_dir) if raw_dir else None, Path(images) if images else None)
     params = dict(protocol=PROTOCOL_VERSION, name=name, kcore=kcore_k, max_history=max_history,
-                  n_candidates=n_candidates, seed=seed, images=str(images) if images else None)
+                  n_candidates=n_candidates, seed=seed, images=str(images) if images else None,
+                  skip_bad_images=bool(skip_bad_images and images))
     fp = _fingerprint(raw, params)
     out = data_root(root)/name/'processed'
     if (out/'info.json').exists() and json.loads((out/'info.json').read_text()).get('fingerprint') == fp:
         return load_processed(out)
-    ds = build_dataset(name, raw, kcore_k, max_history, n_candidates, seed)
+    ds = build_dataset(name, raw, kcore_k, max_history, n_candidates, seed, skip_bad_images)
     save_dataset(ds, out, fp)
     ds.path, ds.info['fingerprint'] = out, fp
     return ds

@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .data import SpeederError, log, progress, fetch_asset, data_root, item_text, sha256_file
+from .data import (SpeederError, log, progress, fetch_asset, data_root, item_text, sha256_file, atomic_write,
+                          open_image, first_line)
 
 # %% auto #0
 __all__ = ['POOLINGS', 'WEIGHT_SUFFIXES', 'FEATURES_VERSION', 'LITE0_STAGES', 'LITE0_FILE', 'LITE_MEAN', 'LITE_STD',
-           'SEQUENCE_DIM', 'mean_pool', 'last_pool', 'cosine_matrix', 'plot_similarity', 'model_folder', 'file_sha256',
+           'SEQUENCE_DIM', 'mean_pool', 'last_pool', 'cosine_matrix', 'plot_similarity', 'model_folder',
            'weights_fingerprint', 'TextEncoder', 'dataset_fingerprint', 'features_dir', 'load_cached', 'save_cached',
            'text_features', 'Conv2dSame', 'MBConv', 'EfficientNetLite0', 'load_efficientnet_lite0', 'lite_preprocess',
-           'open_image', 'VisionEncoder', 'vision_features', 'ItemFeatures', 'item_features']
+           'VisionEncoder', 'vision_features', 'ItemFeatures', 'item_features']
 
 # %% ../nbs/02_features.ipynb #480d311d
 def mean_pool(hidden:torch.Tensor, # (B, T, D) token states
@@ -58,9 +59,6 @@ def plot_similarity(features:torch.Tensor, # (n, d) one vector per row
 # %% ../nbs/02_features.ipynb #adb7b0a0
 WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pth', '.pt', '.gguf')
 
-def _first_line(e:Exception)->str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
 def model_folder(path:str|Path, # folder of a Hugging Face model (config.json + weights)
                  what:str='encoder', # how errors name it
                 ):
@@ -71,7 +69,7 @@ def model_folder(path:str|Path, # folder of a Hugging Face model (config.json + 
     if not p.is_dir() or not (p/'config.json').is_file():
         raise SpeederError(f'{what} {p} is not a model folder (expected a folder with config.json and weights)')
     try: cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except Exception as e: raise SpeederError(f'{what} {p}: config.json cannot be loaded ({_first_line(e)})') from None
+    except Exception as e: raise SpeederError(f'{what} {p}: config.json cannot be loaded ({first_line(e)})') from None
     if not any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
         raise SpeederError(f'{what} {p} has no weights file ({", ".join("*" + s for s in WEIGHT_SUFFIXES)})')
     return p.resolve(), cfg
@@ -83,36 +81,14 @@ def _hidden_size(cfg, what:str, path)->int:
     return d
 
 # %% ../nbs/02_features.ipynb #1c81e010
-def _atomic_write(path:Path, write):
-    "Call `write(tmp_path)`, then move the temporary file onto `path` (readers never see half a file)."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try: write(tmp); os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-
-def file_sha256(path:str|Path, # a file
-                root:str|Path|None=None, # data folder holding the hash cache (see `data_root`)
-               )->str:
-    "sha256 of a file, remembered by (path, size, mtime) so a large weights file is hashed once."
-    path = Path(path).resolve(); st = path.stat()
-    store = data_root(root)/'.cache'/'sha256.json'
-    try: known = json.loads(store.read_text())
-    except (OSError, ValueError): known = {}
-    rec = known.get(str(path))
-    if rec and rec.get('size') == st.st_size and rec.get('mtime_ns') == st.st_mtime_ns: return rec['sha256']
-    digest = sha256_file(path)
-    known = {k: v for k, v in known.items() if os.path.exists(k)}   # forget files that are gone
-    known[str(path)] = dict(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
-    _atomic_write(store, lambda t: t.write_text(json.dumps(known, indent=0)))
-    return digest
-
-def weights_fingerprint(path:str|Path, root:str|Path|None=None)->str:
-    "sha256 over a weights file, or over every file at the top of a model folder (weights, config, tokenizer)."
-    path = Path(path)
-    if path.is_file(): return file_sha256(path, root)
+def weights_fingerprint(path:str|Path, # a weights file, or a model folder
+                        root:str|Path|None=None, # data folder holding the remembered hashes (see `data_root`)
+                       )->str:
+    "sha256 of a weights file, or over every file at the top of a model folder (weights, config, tokenizer)."
+    path, memo = Path(path), data_root(root)/'.cache'/'sha256.json'
+    if path.is_file(): return sha256_file(path, memo)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file()): h.update(f'{f.name}:{file_sha256(f, root)}\n'.encode())
+    for f in sorted(p for p in path.iterdir() if p.is_file()): h.update(f'{f.name}:{sha256_file(f, memo)}\n'.encode())
     return h.hexdigest()
 
 # %% ../nbs/02_features.ipynb #e5bcf94e
@@ -148,7 +124,7 @@ class TextEncoder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(self.device).eval()
-        except Exception as e: raise SpeederError(f'text encoder {self.path} cannot be loaded: {_first_line(e)}') from None
+        except Exception as e: raise SpeederError(f'text encoder {self.path} cannot be loaded: {first_line(e)}') from None
         if self.tokenizer.pad_token is None: self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         return self
 
@@ -201,7 +177,7 @@ def load_cached(ds, modality:str, encoder_name:str, key:dict, dim:int)->dict|Non
         if stale: log(f'{modality} features: cache {stale[0].name} was built from other weights/data/settings; rebuilding')
         return None
     try: blob = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: log(f'{modality} features: cache {path} is unreadable ({_first_line(e)}); rebuilding'); return None
+    except Exception as e: log(f'{modality} features: cache {path} is unreadable ({first_line(e)}); rebuilding'); return None
     if blob.get('key') != key: log(f'{modality} features: cache {path.name} has a different key; rebuilding'); return None
     got = tuple(blob['features'].shape)
     if got != (ds.n_items + 1, dim):
@@ -214,7 +190,7 @@ def save_cached(ds, modality:str, encoder_name:str, key:dict, blob:dict)->Path|N
     "Write `blob` (plus its key) atomically; older caches of the same modality and encoder are removed."
     path = _cache_path(ds, modality, encoder_name, key)
     if path is None: return None
-    _atomic_write(path, lambda t: torch.save(dict(blob, key=key), t))
+    atomic_write(path, lambda t: torch.save(dict(blob, key=key), t))
     for old in path.parent.glob(f'{modality}-{_slug(encoder_name)}-*.pt'):
         if old != path: old.unlink(missing_ok=True)
     return path
@@ -296,11 +272,11 @@ def load_efficientnet_lite0(path:str|Path, # a `.pth` state dict of EfficientNet
     path = Path(path)
     if not path.is_file(): raise SpeederError(f'vision encoder weights {path} do not exist')
     try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise SpeederError(f'vision encoder weights {path} cannot be read: {_first_line(e)}') from None
+    except Exception as e: raise SpeederError(f'vision encoder weights {path} cannot be read: {first_line(e)}') from None
     if isinstance(sd, dict) and 'state_dict' in sd: sd = sd['state_dict']
     net = EfficientNetLite0(same_padding=same_padding)
     try: net.load_state_dict(sd, strict=True)
-    except Exception as e: raise SpeederError(f'{path} is not an EfficientNet-Lite0 state dict: {_first_line(e)}') from None
+    except Exception as e: raise SpeederError(f'{path} is not an EfficientNet-Lite0 state dict: {first_line(e)}') from None
     return net.eval()
 
 # %% ../nbs/02_features.ipynb #56517cc9
@@ -316,14 +292,6 @@ def lite_preprocess(img, # a PIL image
     return (x - torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)) / torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
 # %% ../nbs/02_features.ipynb #51fad642
-def open_image(path:str|Path):
-    "Open and fully decode an image as RGB; a missing or corrupt file raises `SpeederError` naming it."
-    from PIL import Image
-    try:
-        with Image.open(path) as im: im.load(); return im.convert('RGB')
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise SpeederError(f'image {path} cannot be read: {_first_line(e)}') from None
-
 class VisionEncoder:
     "An image encoder: EfficientNet-Lite0 weights (`.pth`) or a local Hugging Face vision model folder."
     def __init__(self, path:str|Path|None=None, # `.pth` file or model folder; default: EfficientNet-Lite0 ImageNet weights
@@ -355,7 +323,7 @@ class VisionEncoder:
             try:
                 self.processor = AutoImageProcessor.from_pretrained(str(self.path), local_files_only=True)
                 self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(self.device).eval()
-            except Exception as e: raise SpeederError(f'vision encoder {self.path} cannot be loaded: {_first_line(e)}') from None
+            except Exception as e: raise SpeederError(f'vision encoder {self.path} cannot be loaded: {first_line(e)}') from None
         return self
 
     @torch.inference_mode()

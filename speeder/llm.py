@@ -4,28 +4,29 @@
 
 # %% ../nbs/05_llm.ipynb #0dc28e40
 from __future__ import annotations
-import inspect, json, math, os, re, shutil, tempfile, time, warnings
-from dataclasses import dataclass, field, asdict, fields
+import inspect, json, math, re, time, typing, warnings
+from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .data import (SpeederError, log, progress, fetch_asset, asset_dir, data_root, load_dataset, Split,
-                          sample_candidates, scorer_metrics, generation_metrics, pick_from_answer, item_text)
-from .features import ItemFeatures, item_features, file_sha256
+from .data import (SpeederError, log, progress, fetch_asset, asset_dir, data_root, Split, sample_candidates,
+                          scorer_metrics, generation_metrics, pick_from_answer, atomic_folder, first_line)
+from .features import ItemFeatures, weights_fingerprint
 from .mrc import MRC, MODALITIES
 from .spae import PositionPrompt, PositionProxyHead, position_proxy_loss, spae_total_loss
+from .dist import (world_size, rank, is_main, rank_seed, rank_slice, mean_over_ranks, gather_objects, ddp,
+                          grad_sync, rng_state, restore_rng_state)
 
 # %% auto #0
-__all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'TINY_LLAMA', 'TINY_SEED', 'TINY_EMBED_STD', 'ITEM_TOKEN', 'LABELS',
-           'PROMPT', 'RANK_SEED_STRIDE', 'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm',
+__all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'PACKAGED_LLMS', 'STAND_IN', 'TINY_LLAMA', 'TINY_SEED', 'TINY_EMBED_STD',
+           'ITEM_TOKEN', 'LABELS', 'PROMPT', 'PLACEHOLDERS', 'TYPE_WORDS', 'AT_LEAST', 'ABOVE_ZERO', 'NOT_NEGATIVE',
+           'FRACTIONS', 'CHOICES', 'PARAM_GROUPS', 'SCORE', 'GENERATE', 'ANSWER_MODES', 'REORDERINGS',
+           'TRAINED_MODULES', 'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm', 'check_llm',
            'tiny_llm', 'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt',
            'check_prompt_inputs', 'target_index', 'collate_prompts', 'SpeederConfig', 'SpeederRecommender',
-           'random_features', 'score_candidates', 'generate_answers', 'recommend', 'evaluate', 'lr_at',
-           'training_split', 'fit', 'dist_env', 'init_distributed', 'finish_distributed', 'world_size', 'rank',
-           'is_main', 'rank_seed', 'log_main', 'rank_slice', 'mean_over_ranks', 'gather_objects', 'ddp', 'grad_sync',
-           'launch_hint', 'rng_state', 'restore_rng_state', 'RankZeroError', 'on_main', 'main_first',
-           'evaluate_sharded', 'toy_split', 'reorder_histories', 'order_sensitivity', 'sequence_table', 'save_weights',
-           'load_weights', 'save_run', 'load_run', 'train_main']
+           'random_features', 'group_parameters', 'set_trainable', 'check_mode', 'autocast', 'score_candidates',
+           'generate_answers', 'recommend', 'evaluate', 'lr_at', 'total_steps', 'training_split', 'fit', 'toy_split',
+           'reorder_histories', 'order_sensitivity', 'save_weights', 'load_weights']
 
 # %% ../nbs/05_llm.ipynb #14e21dd7
 SMOLLM2 = 'smollm2-135m-instruct'                 # packaged asset of the default backbone
@@ -35,15 +36,6 @@ def _quiet_hf():
     "Keep transformers' progress bars and notices off stdout/stderr chatter."
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
-
-def _first_line(e:Exception)->str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-def _move_into_place(tmp:Path, dest:Path):
-    "Rename a finished temporary folder onto `dest` (if another process got there first, keep theirs)."
-    tmp.chmod(0o755)
-    if dest.exists(): shutil.rmtree(tmp, ignore_errors=True); return
-    try: tmp.rename(dest)
-    except OSError: shutil.rmtree(tmp, ignore_errors=True)
 
 def gguf_to_hf(gguf_file:str|Path, # a GGUF file of a causal LM
                dest:str|Path, # the Hugging Face folder to write (config, safetensors, tokenizer)
@@ -60,22 +52,21 @@ def gguf_to_hf(gguf_file:str|Path, # a GGUF file of a causal LM
         tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kw)
         config = AutoConfig.from_pretrained(str(gguf_file.parent), **kw)
-    except Exception as e: raise SpeederError(f'{gguf_file} cannot be read as a causal LM: {_first_line(e)}') from None
+    except Exception as e: raise SpeederError(f'{gguf_file} cannot be read as a causal LM: {first_line(e)}') from None
     if hasattr(config, 'quantization_config'): del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}.'))
-    model.save_pretrained(tmp); tok.save_pretrained(tmp)
-    _move_into_place(tmp, dest)
+    with atomic_folder(dest) as tmp: model.save_pretrained(tmp); tok.save_pretrained(tmp)
     log(f'converted in {time.time() - t0:.0f}s')
     return dest
 
-def smollm2_folder(root:str|Path|None=None)->Path:
+def smollm2_folder(root:str|Path|None=None, # data folder (assets and caches)
+                  )->Path:
     "The SmolLM2-135M-Instruct Hugging Face folder (fetched and converted on first use)."
     return gguf_to_hf(fetch_asset(SMOLLM2, root)/SMOLLM2_GGUF, asset_dir(SMOLLM2, root)/'hf')
 
-def smollm2_tokenizer(root:str|Path|None=None):
+def smollm2_tokenizer(root:str|Path|None=None, # data folder (assets and caches)
+                     ):
     "SmolLM2's tokenizer alone (cached as a small folder; no model weights are converted)."
     from transformers import AutoTokenizer
     _quiet_hf()
@@ -84,12 +75,13 @@ def smollm2_tokenizer(root:str|Path|None=None):
     if not (tok_dir/'tokenizer.json').exists():
         gguf = fetch_asset(SMOLLM2, root)/SMOLLM2_GGUF
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tmp = Path(tempfile.mkdtemp(dir=tok_dir.parent, prefix='.tokenizer.'))
-        tok.save_pretrained(tmp); _move_into_place(tmp, tok_dir)
+        with atomic_folder(tok_dir) as tmp: tok.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
 
 # %% ../nbs/05_llm.ipynb #f4af537d
 CAUSAL_SUFFIXES = ('ForCausalLM', 'LMHeadModel')   # class-name endings of decoder-only LMs in transformers
+PACKAGED_LLMS = ('smollm2', SMOLLM2)               # names of the packaged default backbone
+STAND_IN = 'tiny'                                  # the random test stand-in (never a result)
 
 def check_causal_lm(path:str|Path, # a Hugging Face model folder
                    ):
@@ -97,17 +89,29 @@ def check_causal_lm(path:str|Path, # a Hugging Face model folder
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     p = Path(path).expanduser()
-    if not p.exists(): raise SpeederError(f'LLM {p} does not exist (give a folder with a Hugging Face causal LM, or a .gguf file)')
+    if not p.exists():
+        raise SpeederError(f'LLM {p} does not exist (give a folder with a Hugging Face causal LM, or a .gguf file)')
     if not p.is_dir() or not (p/'config.json').is_file():
         raise SpeederError(f'LLM {p} is not a model folder: expected config.json, weights and a tokenizer')
     try: cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except Exception as e: raise SpeederError(f'LLM {p}: config.json cannot be loaded ({_first_line(e)})') from None
+    except Exception as e: raise SpeederError(f'LLM {p}: config.json cannot be loaded ({first_line(e)})') from None
     archs = list(getattr(cfg, 'architectures', None) or [])
-    causal = any(a.endswith(CAUSAL_SUFFIXES) for a in archs) if archs else cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    causal = (any(a.endswith(CAUSAL_SUFFIXES) for a in archs) if archs
+              else cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     if not causal or getattr(cfg, 'is_encoder_decoder', False):
         what = ', '.join(archs) or f'model_type {cfg.model_type!r}'
         raise SpeederError(f'LLM {p} is not a causal (decoder-only) language model: its config.json describes {what}')
     return p.resolve(), cfg
+
+def check_llm(llm:str|Path, # 'smollm2', 'tiny', a model folder or a .gguf file
+             ):
+    "Check a backbone name or path without loading anything heavy (a run calls this before any other work)."
+    if str(llm) in PACKAGED_LLMS + (STAND_IN,): return
+    p = Path(llm).expanduser()
+    if p.suffix == '.gguf':
+        if not p.is_file(): raise SpeederError(f'LLM {p} does not exist (a .gguf file was named)')
+        return
+    check_causal_lm(p)
 
 # %% ../nbs/05_llm.ipynb #6ec5c141
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -115,10 +119,13 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, nu
 TINY_SEED = 0   # the tiny stand-in is always initialised from this seed
 TINY_EMBED_STD = 0.5   # std of its (tied) embeddings
 
-def tiny_llm(tokenizer, dtype=torch.float32):
+def tiny_llm(tokenizer, # SmolLM2's tokenizer (its vocabulary sizes the embedding)
+             dtype=torch.float32, # weights dtype
+            ):
     "A small random-init LLaMA (`TINY_LLAMA`) over `tokenizer`'s vocabulary: a test stand-in, not a language model."
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=None, **TINY_LLAMA)   # no padding row: it would be zero, and so would the tied EOS logit
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
@@ -129,20 +136,20 @@ def tiny_llm(tokenizer, dtype=torch.float32):
     return model.to(dtype)
 
 def _llm_folder(llm:str|Path, root)->Path:
-    if str(llm) in ('smollm2', SMOLLM2): return smollm2_folder(root)
+    if str(llm) in PACKAGED_LLMS: return smollm2_folder(root)
     p = Path(llm).expanduser()
     if p.suffix == '.gguf' and p.is_file():
-        return gguf_to_hf(p, data_root(root)/'.cache'/'llm'/f'{p.stem}-{file_sha256(p, root)[:12]}')
+        return gguf_to_hf(p, data_root(root)/'.cache'/'llm'/f'{p.stem}-{weights_fingerprint(p, root)[:12]}')
     return check_causal_lm(p)[0]
 
-def load_backbone(llm:str|Path='smollm2', # 'smollm2' (default asset), 'tiny' (test stand-in), a model folder or a .gguf file
+def load_backbone(llm:str|Path='smollm2', # 'smollm2' (default asset), 'tiny' (test stand-in), a folder or a .gguf file
                   root:str|Path|None=None, # data folder (assets and caches)
                   dtype:torch.dtype=torch.float32, # weights dtype (bfloat16 for large models on a GPU)
                  ):
     "Load a causal LM and its tokenizer from local files: `(model, tokenizer)`."
     from transformers import AutoModelForCausalLM, AutoTokenizer
     _quiet_hf()
-    if str(llm) == 'tiny':
+    if str(llm) == STAND_IN:
         tok = smollm2_tokenizer(root)
         return tiny_llm(tok, dtype), tok
     folder = _llm_folder(llm, root)
@@ -150,19 +157,22 @@ def load_backbone(llm:str|Path='smollm2', # 'smollm2' (default asset), 'tiny' (t
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    except Exception as e: raise SpeederError(f'LLM {folder} cannot be loaded: {_first_line(e)}') from None
+    except Exception as e: raise SpeederError(f'LLM {folder} cannot be loaded: {first_line(e)}') from None
     return model, tok
 
 # %% ../nbs/05_llm.ipynb #10541024
 def add_lora(model, # a causal LM
-             r:int=8, alpha:int=16, dropout:float=0.05,
+             r:int=8, # rank of each adapter
+             alpha:int=16, # scale: the update is alpha / r * B A
+             dropout:float=0.05, # dropout on the adapter's input
              targets:tuple=('q_proj', 'k_proj', 'v_proj', 'o_proj'), # names of the linear layers to adapt
             ):
     "Wrap `model` with LoRA adapters (peft); every backbone weight is frozen."
     from peft import LoraConfig, get_peft_model
     linear = sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     missing = [t for t in targets if t not in linear]
-    if missing: raise SpeederError(f'LoRA targets {", ".join(missing)} are not linear layers of this LLM; it has: {", ".join(linear)}')
+    if missing:
+        raise SpeederError(f'LoRA targets {", ".join(missing)} are not linear layers of this LLM; it has: {", ".join(linear)}')
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type='CAUSAL_LM')
     with warnings.catch_warnings():   # peft calls a transformers property that warns about its own deprecation
         warnings.simplefilter('ignore', FutureWarning)
@@ -176,16 +186,21 @@ PROMPT = dict(                                # the template: head, history item
     mid='\nWhich candidate will the user choose next?',
     candidate='\n{item}{label}',              # one candidate per line: its item token, then its letter
     tail='\nAnswer with its letter:\n')
+PLACEHOLDERS = ('{label}', '{item}')          # the two placeholders of the candidate template
 
-def candidate_pieces(template:str|None=None)->list:
+def candidate_pieces(template:str|None=None, # a candidate template (default `PROMPT['candidate']`)
+                    )->list:
     "The candidate template as pieces: text, '{label}' and '{item}' (each placeholder exactly once)."
     template = PROMPT['candidate'] if template is None else template
     pieces = [p for p in re.split(r'(\{label\}|\{item\})', template) if p]
-    if sorted(p for p in pieces if p in ('{label}', '{item}')) != ['{item}', '{label}']:
+    if sorted(p for p in pieces if p in PLACEHOLDERS) != sorted(PLACEHOLDERS):
         raise SpeederError(f'candidate template {template!r} must hold {{label}} and {{item}} once each')
     return pieces
 
-def render_prompt(n_history:int, n_candidates:int=20, labels:str=LABELS)->str:
+def render_prompt(n_history:int, # items in the history
+                  n_candidates:int=20, # candidates listed
+                  labels:str=LABELS, # one letter per candidate
+                 )->str:
     "The prompt as text with `ITEM_TOKEN` placeholders (what the LLM reads, before item tokens are put in)."
     cands = ''.join(PROMPT['candidate'].format(label=labels[k], item=ITEM_TOKEN) for k in range(n_candidates))
     return PROMPT['head'] + ITEM_TOKEN * n_history + PROMPT['mid'] + cands + PROMPT['tail']
@@ -193,8 +208,12 @@ def render_prompt(n_history:int, n_candidates:int=20, labels:str=LABELS)->str:
 # %% ../nbs/05_llm.ipynb #3032ed7d
 class SpeederPrompt:
     "Token ids of the Speeder prompt for a tokenizer: placeholders, letters, answers and left-padded batches."
-    def __init__(self, tokenizer, n_candidates:int=20, labels:str=LABELS):
-        if len(labels) < n_candidates: raise SpeederError(f'{n_candidates} candidates need {n_candidates} labels, got {len(labels)}: {labels!r}')
+    def __init__(self, tokenizer, # the backbone's tokenizer (the placeholder token is added to it)
+                 n_candidates:int=20, # candidates per prompt
+                 labels:str=LABELS, # one single-token letter per candidate
+                ):
+        if len(labels) < n_candidates:
+            raise SpeederError(f'{n_candidates} candidates need {n_candidates} labels, got {len(labels)}: {labels!r}')
         if ITEM_TOKEN not in tokenizer.get_vocab(): tokenizer.add_tokens([ITEM_TOKEN], special_tokens=True)
         self.tokenizer, self.n_candidates, self.labels = tokenizer, n_candidates, labels[:n_candidates]
         self.item_id = tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
@@ -202,17 +221,21 @@ class SpeederPrompt:
         self.label_ids = []
         for lab in self.labels:
             ids = enc(lab)
-            if len(ids) != 1: raise SpeederError(f'label {lab!r} is {len(ids)} tokens for this tokenizer; labels must be one token each')
+            if len(ids) != 1:
+                raise SpeederError(f'label {lab!r} is {len(ids)} tokens for this tokenizer; labels must be one token each')
             self.label_ids.append(ids[0])
-        if len(set(self.label_ids)) != len(self.label_ids): raise SpeederError(f'labels {labels!r} do not map to distinct tokens')
-        if tokenizer.eos_token_id is None: raise SpeederError('the tokenizer has no end-of-sequence token to end an answer with')
+        if len(set(self.label_ids)) != len(self.label_ids):
+            raise SpeederError(f'labels {labels!r} do not map to distinct tokens')
+        if tokenizer.eos_token_id is None:
+            raise SpeederError('the tokenizer has no end-of-sequence token to end an answer with')
         self.eos_id = tokenizer.eos_token_id
-        self.start = tokenizer('').input_ids          # what the tokenizer puts first (BOS for LLaMA-2, nothing for SmolLM2)
+        self.start = tokenizer('').input_ids   # what the tokenizer puts first (BOS for LLaMA-2, nothing for SmolLM2)
         self.head, self.mid, self.tail = (enc(PROMPT[k]) for k in ('head', 'mid', 'tail'))
-        self.candidate = [p if p in ('{label}', '{item}') else enc(p) for p in candidate_pieces()]
+        self.candidate = [p if p in PLACEHOLDERS else enc(p) for p in candidate_pieces()]
         self._cache = {}
 
-    def ids(self, n_history:int)->tuple:
+    def ids(self, n_history:int, # items in the history
+           )->tuple:
         "(token ids, history positions, candidate positions) of the prompt for `n_history` items (cached)."
         if n_history not in self._cache:
             ids = self.start + self.head
@@ -226,14 +249,17 @@ class SpeederPrompt:
             self._cache[n_history] = (ids + self.tail, hist, cand)
         return self._cache[n_history]
 
-    def answer_ids(self, k:int)->list:
+    def answer_ids(self, k:int, # index of the chosen candidate
+                  )->list:
         "The answer naming candidate `k`: its letter, then the end token."
         return [self.label_ids[k], self.eos_id]
 
     can_score = True           # each candidate has a one-token label, so the 20 labels can be scored at once
     max_answer_tokens = None   # generation length: the config's `max_new_tokens`
 
-    def pick(self, answer:str, candidates)->int|None:
+    def pick(self, answer:str, # generated text
+             candidates, # the row's candidate item ids
+            )->int|None:
         "The item an answer names (exactly one label), else None."
         return pick_from_answer(answer, dict(zip(self.labels, map(int, candidates))))
 
@@ -251,28 +277,41 @@ class SpeederPrompt:
             rows.append((ids + answer, [-1] * (histories.shape[1] - n) + hist, cand, len(answer)))
         return collate_prompts(rows, histories, candidates, self.eos_id)
 
-def check_prompt_inputs(histories, candidates, n_candidates:int)->tuple:
+def check_prompt_inputs(histories, # (B, L) item ids
+                        candidates, # (B, C) item ids
+                        n_candidates:int, # the C the prompt expects
+                       )->tuple:
     "Histories and candidates as tensors, checked: (B, L) left-padded with 0 and (B, n_candidates)."
     histories, candidates = torch.as_tensor(np.asarray(histories)), torch.as_tensor(np.asarray(candidates))
-    if histories.dim() != 2: raise SpeederError(f'histories must be a (batch, slots) array of item ids; got shape {tuple(histories.shape)}')
+    if histories.dim() != 2:
+        raise SpeederError(f'histories must be a (batch, slots) array of item ids; got shape {tuple(histories.shape)}')
     if candidates.shape != (len(histories), n_candidates):
-        raise SpeederError(f'candidates have shape {tuple(candidates.shape)}; the prompt expects ({len(histories)}, {n_candidates})')
+        raise SpeederError(f'candidates have shape {tuple(candidates.shape)}; '
+                           f'the prompt expects ({len(histories)}, {n_candidates})')
     present = histories > 0
-    if (present[:, 1:] < present[:, :-1]).any(): raise SpeederError('histories must be left-padded with 0 (most recent item last)')
+    if (present[:, 1:] < present[:, :-1]).any():
+        raise SpeederError('histories must be left-padded with 0 (most recent item last)')
     return histories, candidates
 
-def target_index(candidates:torch.Tensor, target, row:int)->int:
+def target_index(candidates:torch.Tensor, # one row's candidate item ids
+                 target, # its target item id
+                 row:int, # the row's number (for the error message)
+                )->int:
     "Where the target sits among one row's candidates (it must be there exactly once)."
     hit = (candidates == int(target)).nonzero()
     if len(hit) != 1: raise SpeederError(f'row {row}: target {int(target)} is not exactly once among its candidates')
     return int(hit[0])
 
-def collate_prompts(rows:list, # per example: (token ids incl. answer, history positions (-1: empty slot), candidate positions, answer length)
-                    histories:torch.Tensor, candidates:torch.Tensor, pad_id:int)->dict:
+def collate_prompts(rows:list, # per example: (ids incl. answer, history positions (-1: empty), candidate positions, answer length)
+                    histories:torch.Tensor, # (B, L) item ids
+                    candidates:torch.Tensor, # (B, C) item ids
+                    pad_id:int, # token id on padding positions (masked out)
+                   )->dict:
     "Left-pad rows into one batch; every row ends at the last position, so answers are the last `n_answer` positions."
     B, T, A = len(rows), max(len(r[0]) for r in rows), max(r[3] for r in rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long); mask = torch.zeros(B, T, dtype=torch.long)
-    hist_pos, cand_pos = torch.full(histories.shape, -1, dtype=torch.long), torch.full(candidates.shape, -1, dtype=torch.long)
+    hist_pos = torch.full(histories.shape, -1, dtype=torch.long)
+    cand_pos = torch.full(candidates.shape, -1, dtype=torch.long)
     answer_mask = torch.zeros(B, A, dtype=torch.bool)
     shift = lambda ps, pad: torch.tensor([p + pad if p >= 0 else -1 for p in ps], dtype=torch.long)
     for b, (ids, hist, cand, n_ans) in enumerate(rows):
@@ -285,70 +324,131 @@ def collate_prompts(rows:list, # per example: (token ids incl. answer, history p
                 n_answer=A, answer_mask=answer_mask)
 
 # %% ../nbs/05_llm.ipynb #11760404
+TYPE_WORDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', tuple: 'a list of names'}
+AT_LEAST = dict(lora_r=1, d_model=1, n_blocks=1, n_heads=1, max_history=2, n_candidates=2, ppt_pairs=1, batch_size=1,
+                grad_accum=1, epochs=1, max_steps=1, train_examples=1, eval_examples=1, eval_batch_size=1,
+                max_new_tokens=1, checkpoint_every=1, valid_examples=0, warmup_steps=0, seed=0)
+ABOVE_ZERO = ('lr', 'grad_clip', 'lora_alpha')        # numbers that must be > 0
+NOT_NEGATIVE = ('weight_decay', 'ppt_weight')          # numbers that must be >= 0
+FRACTIONS = ('dropout', 'lora_dropout', 'drop_modality')   # probabilities in [0, 1]
+CHOICES = dict(dtype=('auto', 'float32', 'bfloat16'), sequence_features=('sasrec', 'zeros'))
+
+def _checked_value(name:str, hint, value):
+    "`value` as field `name` of type `hint` holds it (ints become floats for float fields), or a `SpeederError`."
+    options = typing.get_args(hint)
+    optional = type(None) in options
+    if optional:
+        if value is None: return None
+        hint = next(a for a in options if a is not type(None))
+    if hint is tuple and isinstance(value, str): value = [v.strip() for v in value.split(',') if v.strip()]
+    if hint is str and isinstance(value, Path): value = str(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool and isinstance(value, bool): return value
+    if hint is int and number and isinstance(value, int): return value
+    if hint is float and number and math.isfinite(value): return float(value)
+    if hint is str and isinstance(value, str): return value
+    if hint is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value): return tuple(value)
+    raise SpeederError(f'{name} must be {TYPE_WORDS[hint]}{" or null" if optional else ""}, got {value!r}')
+
 @dataclass
 class SpeederConfig:
-    "Every hyper-parameter of a Speeder run."
+    "Every setting of a Speeder run; checked when made (types, ranges, choices)."
+    # data
+    dataset:str = 'ml-100k'          # dataset name (see `load_dataset`)
+    images:str|None = None           # Amazon: folder of item images named by item id
+    skip_bad_images:bool = False     # mask unreadable item images out instead of failing
     # backbone and LoRA
     llm:str = 'smollm2'              # 'smollm2', 'tiny' (test stand-in) or a local folder / .gguf file
-    lora_r:int = 8
-    lora_alpha:int = 16
-    lora_dropout:float = 0.05
-    lora_targets:tuple = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
+    lora_r:int = 8                   # LoRA rank
+    lora_alpha:float = 16            # LoRA scale (the update is alpha / r * B A)
+    lora_dropout:float = 0.05        # dropout on LoRA's input
+    lora_targets:tuple = ('q_proj', 'k_proj', 'v_proj', 'o_proj')   # linear layers that get an adapter
     dtype:str = 'auto'               # LLM weights: 'auto' (bfloat16 on CUDA, else float32), 'float32', 'bfloat16'
     # MRC
-    d_model:int = 256
-    n_blocks:int = 1
-    n_heads:int = 4
-    dropout:float = 0.1
+    d_model:int = 256                # width of the modality tokens inside MoME
+    n_blocks:int = 1                 # MoME blocks
+    n_heads:int = 4                  # attention heads per MoME block
+    dropout:float = 0.1              # dropout inside MRC
     modalities:tuple = MODALITIES    # modalities MRC uses
     use_gate:bool = True             # tanh gate on vision (MPO)
-    drop_modality:float = 0.0        # each item's non-text modalities masked with this probability (fixed per item, train and test)
+    drop_modality:float = 0.0        # each item's non-text modalities masked with this probability (fixed per item)
     sequence_features:str = 'sasrec' # 'sasrec' (train it if needed) or 'zeros'
     # SPAE and prompt
     max_history:int = 10             # history slots = number of position prompts
-    n_candidates:int = 20
-    labels:str = LABELS
+    n_candidates:int = 20            # candidates per prompt (must match the dataset's saved candidate sets)
+    labels:str = LABELS              # one single-token letter per candidate
     use_ppl:bool = True              # position prompts added to history item tokens
     use_ppt:bool = True              # position proxy task on the LLM's last hidden states
-    ppt_weight:float = 0.1
-    ppt_pairs:int = 8
+    ppt_weight:float = 0.1           # weight of the PPT loss
+    ppt_pairs:int = 8                # PPT pairs drawn per example
+    # MPO
+    mpo:bool = True                  # the curriculum; False: one joint stage (the --no-mpo ablation)
+    mpo_order:tuple = MODALITIES     # order in which modalities are introduced
     # optimisation
-    lr:float = 1e-3
-    weight_decay:float = 0.01
-    warmup_steps:int = 10
-    batch_size:int = 8
-    grad_accum:int = 1
-    epochs:int = 1
-    max_steps:int|None = None        # stop after this many optimizer steps (overrides epochs)
-    train_examples:int|None = 1600   # random subsample of the training examples (None: all); 200 steps ≈ 8.5 min for SmolLM2 on 2 CPU cores
-    grad_clip:float = 1.0
-    seed:int = 0
-    # evaluation
+    lr:float = 1e-3                  # peak learning rate (AdamW)
+    weight_decay:float = 0.01        # AdamW weight decay (matrices only)
+    warmup_steps:int = 10            # linear warm-up steps of each stage
+    batch_size:int = 8               # examples per micro-batch (per process under torchrun)
+    grad_accum:int = 1               # micro-batches per optimizer step
+    epochs:int = 1                   # passes over the training examples when max_steps is None
+    max_steps:int|None = None        # optimizer steps of the run, all stages together (None: from epochs)
+    train_examples:int|None = 1600   # random subsample of the training examples (None: all)
+    grad_clip:float = 1.0            # clip the gradient norm to this
+    seed:int = 0                     # seed of the data order, the initialisation, dropout and PPT pairs
+    # evaluation and checkpoints
     eval_examples:int|None = None    # first n test examples (None: all)
-    eval_batch_size:int = 32
-    max_new_tokens:int = 4
-    # MPO (a later notebook): list of stage dicts; empty = one stage with all modalities
-    stages:list = field(default_factory=list)
+    eval_batch_size:int = 32         # examples per answering batch
+    max_new_tokens:int = 4           # tokens generated per answer
+    valid_examples:int = 100         # valid examples scored after each MPO stage (0: none)
+    checkpoint_every:int|None = 25   # a mid-stage checkpoint every n optimizer steps (None: stage ends only)
 
     def __post_init__(self):
-        self.modalities, self.lora_targets = tuple(self.modalities), tuple(self.lora_targets)
+        for f, hint in typing.get_type_hints(type(self)).items():
+            setattr(self, f, _checked_value(f, hint, getattr(self, f)))
+        self._check_ranges(); self._check_choices()
+
+    def _check_ranges(self):
+        for k, low in AT_LEAST.items():
+            v = getattr(self, k)
+            if v is not None and v < low: raise SpeederError(f'{k} must be at least {low}, got {v}')
+        for k in ABOVE_ZERO:
+            if getattr(self, k) <= 0: raise SpeederError(f'{k} must be above 0, got {getattr(self, k)}')
+        for k in NOT_NEGATIVE:
+            if getattr(self, k) < 0: raise SpeederError(f'{k} must be 0 or more, got {getattr(self, k)}')
+        for k in FRACTIONS:
+            if not 0 <= getattr(self, k) <= 1: raise SpeederError(f'{k} must lie in [0, 1], got {getattr(self, k)}')
+        if self.d_model % self.n_heads:
+            raise SpeederError(f'd_model={self.d_model} must be divisible by n_heads={self.n_heads}')
+
+    def _check_choices(self):
+        for k, options in CHOICES.items():
+            if getattr(self, k) not in options:
+                raise SpeederError(f"{k} {getattr(self, k)!r}: use {' or '.join(map(repr, options))}")
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad or 'text' not in self.modalities:
-            raise SpeederError(f'modalities {list(self.modalities)}: use text plus any of {", ".join(MODALITIES[1:])} (text is always on)')
-        if self.dtype not in ('auto', 'float32', 'bfloat16'): raise SpeederError(f"dtype {self.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
-        if self.sequence_features not in ('sasrec', 'zeros'): raise SpeederError(f"sequence_features {self.sequence_features!r}: use 'sasrec' or 'zeros'")
-        if len(self.labels) < self.n_candidates: raise SpeederError(f'{self.n_candidates} candidates need as many labels; got {self.labels!r}')
+            raise SpeederError(f'modalities {list(self.modalities)}: use text plus any of {", ".join(MODALITIES[1:])} '
+                               '(text is always on)')
+        if sorted(self.mpo_order) != sorted(MODALITIES):
+            raise SpeederError(f'mpo_order must name each of {", ".join(MODALITIES)} once; got {",".join(self.mpo_order)}')
+        if len(self.labels) < self.n_candidates:
+            raise SpeederError(f'{self.n_candidates} candidates need as many labels; got {self.labels!r}')
+        if not self.lora_targets: raise SpeederError('lora_targets must name at least one linear layer')
 
-    def to_dict(self)->dict: return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+    def to_dict(self)->dict:
+        "Plain JSON-able values (tuples as lists): what a run's config.json holds."
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d:dict)->SpeederConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, d:dict, # field -> value, e.g. a run's config.json
+                 )->SpeederConfig:
+        "A config from a dict; an unknown key or a bad value is a `SpeederError`."
+        if not isinstance(d, dict): raise SpeederError(f'a config must be a JSON object, got {type(d).__name__}')
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown: raise SpeederError(f'unknown SpeederConfig setting(s): {", ".join(unknown)}')
         return cls(**d)
 
-    def torch_dtype(self, device)->torch.dtype:
+    def torch_dtype(self, device, # where the LLM runs
+                   )->torch.dtype:
         "The LLM weights' dtype on `device`."
         if self.dtype == 'auto': return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
         return getattr(torch, self.dtype)
@@ -359,7 +459,7 @@ def _device_of(module:nn.Module)->torch.device: return next(module.parameters())
 class SpeederRecommender(nn.Module):
     "Item feature tables → MRC (+ PPL) → one token per item → LoRA-tuned causal LM; PPT on its last hidden states."
     def __init__(self, features:ItemFeatures, # per-item feature tables (row = item id)
-                 cfg:SpeederConfig,
+                 cfg:SpeederConfig, # every setting (MRC, SPAE, LoRA, prompt)
                  backbone:tuple|None=None, # (model, tokenizer) already loaded; default `load_backbone(cfg.llm)`
                  root:str|Path|None=None, # data folder (assets)
                  device=None, # where the LLM is loaded (default cuda if available); dtype follows `cfg.dtype`
@@ -371,11 +471,12 @@ class SpeederRecommender(nn.Module):
         device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         for m in MODALITIES: self.register_buffer(f'{m}_table', getattr(features, m).float(), persistent=False)
         self.register_buffer('vision_present', features.vision_present.bool(), persistent=False)
-        keep = torch.rand(len(features.vision_present), len(MODALITIES), generator=torch.Generator().manual_seed(cfg.seed + 7)) >= cfg.drop_modality
+        draw = torch.Generator().manual_seed(cfg.seed + 7)
+        keep = torch.rand(len(features.vision_present), len(MODALITIES), generator=draw) >= cfg.drop_modality
         keep[:, MODALITIES.index('text')] = True   # text is never dropped (--drop-modality)
         self.register_buffer('modality_kept', keep, persistent=False)
         llm, tok = backbone or load_backbone(cfg.llm, root, cfg.torch_dtype(device))
-        self.is_stand_in = cfg.llm == 'tiny'
+        self.is_stand_in = cfg.llm == STAND_IN
         self.hidden = llm.config.hidden_size
         torch.manual_seed(cfg.seed)
         self.mrc = item_encoder or MRC(features.dims, cfg.d_model, self.hidden, cfg.n_blocks, cfg.n_heads, cfg.dropout)
@@ -389,7 +490,9 @@ class SpeederRecommender(nn.Module):
     @property
     def device(self)->torch.device: return _device_of(self.mrc)
 
-    def trainable_parameters(self)->list: return [p for p in self.parameters() if p.requires_grad]
+    def trainable_parameters(self)->list:
+        "The parameters that currently require a gradient."
+        return [p for p in self.parameters() if p.requires_grad]
 
     def item_tokens(self, item_ids:torch.Tensor, # item ids of any shape (0 = padding)
                     active:tuple|None=None, # modalities MRC uses (default `cfg.modalities`)
@@ -398,7 +501,8 @@ class SpeederRecommender(nn.Module):
         flat = item_ids.reshape(-1).to(self.device)
         uniq, inv = flat.unique(return_inverse=True)
         n = len(self.text_table) - 1
-        if len(uniq) and (uniq[0] < 0 or uniq[-1] > n): raise SpeederError(f'item ids must lie in 0..{n} (the feature tables); got {int(uniq[0])}..{int(uniq[-1])}')
+        if len(uniq) and (uniq[0] < 0 or uniq[-1] > n):
+            raise SpeederError(f'item ids must lie in 0..{n} (the feature tables); got {int(uniq[0])}..{int(uniq[-1])}')
         real = uniq[uniq > 0]
         feats = {m: getattr(self, f'{m}_table')[real] for m in MODALITIES}
         ones = torch.ones(len(real), dtype=torch.bool, device=flat.device)
@@ -408,7 +512,9 @@ class SpeederRecommender(nn.Module):
         table = torch.cat([out.new_zeros(1, out.shape[-1]), out]) if (uniq == 0).any() else out
         return table[inv].reshape(*item_ids.shape, -1)
 
-    def embed(self, batch:dict, active:tuple|None=None)->torch.Tensor:
+    def embed(self, batch:dict, # a prompt batch (`SpeederPrompt.batch`)
+              active:tuple|None=None, # modalities MRC uses
+             )->torch.Tensor:
         "`inputs_embeds` of a batch: word embeddings, item tokens at the placeholders, position prompts on the history."
         ids = batch['input_ids'].to(self.device)
         is_item = ids == self.prompt.item_id
@@ -420,8 +526,9 @@ class SpeederRecommender(nn.Module):
         hist, cand = batch['history'].to(self.device), batch['candidates'].to(self.device)
         present = hist > 0
         if hist.shape[1] > self.cfg.max_history:
-            raise SpeederError(f'a history has {hist.shape[1]} slots but there are {self.cfg.max_history} position prompts '
-                               f'(max_history); keep the most recent items (histories[:, -{self.cfg.max_history}:]) or raise max_history')
+            raise SpeederError(f'a history has {hist.shape[1]} slots but there are {self.cfg.max_history} position '
+                               f'prompts (max_history); keep the most recent items (histories[:, -{self.cfg.max_history}:]) '
+                               'or raise max_history')
         tokens = self.item_tokens(torch.cat([hist, cand], 1), active)
         th, tc = tokens[:, :hist.shape[1]], tokens[:, hist.shape[1]:]
         if self.cfg.use_ppl: th = self.ppl(th, present)
@@ -429,7 +536,11 @@ class SpeederRecommender(nn.Module):
         rows = torch.arange(len(pos), device=self.device)[:, None].expand_as(pos)
         return E.index_put((rows[keep], pos[keep]), vals[keep].to(E.dtype))
 
-    def _lm(self, E, batch, keep:int|None=None, **kw):
+    def lm(self, E:torch.Tensor, # inputs_embeds (B, T, hidden)
+           batch:dict, # the batch they came from (attention mask, position ids)
+           keep:int|None=None, # compute logits for the last `keep` positions only (None: all)
+           **kw, # passed to the LLM (output_hidden_states, use_cache, ...)
+          ):
         "Run the LLM on `inputs_embeds`, computing logits only for the last `keep` positions when possible."
         dev = self.device
         if keep and self._keep_logits: kw['logits_to_keep'] = keep
@@ -446,7 +557,7 @@ class SpeederRecommender(nn.Module):
         A = batch['n_answer']
         if not A: raise SpeederError('forward needs a batch built with targets (the answer is what the LM loss is on)')
         E = self.embed(batch, active)
-        out = self._lm(E, batch, keep=A + 1, output_hidden_states=self.cfg.use_ppt)
+        out = self.lm(E, batch, keep=A + 1, output_hidden_states=self.cfg.use_ppt)
         answer, on = batch['input_ids'][:, -A:].to(self.device), batch['answer_mask'].to(self.device)
         lm_loss = F.cross_entropy(out.logits[:, :A][on].float(), answer[on])   # answers may differ in length: masked
         zero = lm_loss.new_zeros(())
@@ -460,8 +571,12 @@ class SpeederRecommender(nn.Module):
                     ppt_loss=ppt_loss, ppt_acc=torch.tensor(ppt_acc))
 
 # %% ../nbs/05_llm.ipynb #f7b8b79f
-def random_features(n_items:int=60, dims=dict(text=384, vision=1280, sequence=64), seed:int=0)->ItemFeatures:
+def random_features(n_items:int=60, # items (row 0 is added for padding)
+                    dims:dict|None=None, # feature size per modality (default: the real tables' sizes)
+                    seed:int=0, # seed of the random tables
+                   )->ItemFeatures:
     "Random feature tables shaped like the real ones (half the items with an image); row 0 = padding."
+    dims = dims or dict(text=384, vision=1280, sequence=64)
     g = torch.Generator().manual_seed(seed)
     t = {m: torch.randn(n_items + 1, d, generator=g) for m, d in dims.items()}
     present = torch.arange(n_items + 1) % 2 == 1
@@ -469,28 +584,69 @@ def random_features(n_items:int=60, dims=dict(text=384, vision=1280, sequence=64
     t['vision'][~present] = 0
     return ItemFeatures(t['text'], t['vision'], present, t['sequence'])
 
+# %% ../nbs/05_llm.ipynb #10269d47
+PARAM_GROUPS = ('text', 'vision', 'sequence', 'shared', 'ppl', 'ppt', 'lora')   # named trainable parts of the model
+
+def group_parameters(model:SpeederRecommender, # the model
+                     group:str, # one of `PARAM_GROUPS`
+                    )->list:
+    "The parameters of one group of a `SpeederRecommender`."
+    if group in MODALITIES: return model.mrc.modality_parameters(group)
+    if group == 'shared': return model.mrc.shared_parameters()
+    if group == 'ppl': return list(model.ppl.parameters())
+    if group == 'ppt': return list(model.ppt_head.parameters())
+    if group == 'lora': return [p for n, p in model.llm.named_parameters() if 'lora_' in n]
+    raise SpeederError(f'unknown parameter group {group!r}; known: {", ".join(PARAM_GROUPS)}')
+
+def set_trainable(model:SpeederRecommender, # the model
+                  groups:tuple, # the groups that train (see `PARAM_GROUPS`); every other parameter is frozen
+                 )->list:
+    "Freeze every parameter of the model except those of `groups`; returns the parameters that train."
+    for p in model.parameters(): p.requires_grad_(False)
+    params = [p for g in groups for p in group_parameters(model, g)]
+    for p in params: p.requires_grad_(True)
+    return params
+
 # %% ../nbs/05_llm.ipynb #aa7dff50
-def _autocast(device:torch.device):
+SCORE, GENERATE = 'score', 'generate'   # the two answer modes
+ANSWER_MODES = (SCORE, GENERATE)
+
+def check_mode(mode:str, # an answer mode
+              )->str:
+    "`mode` if it is one of `ANSWER_MODES`, else a `SpeederError`."
+    if mode not in ANSWER_MODES: raise SpeederError(f"answer mode {mode!r}: use 'score' or 'generate'")
+    return mode
+
+def autocast(device:torch.device, # where the model runs
+            ):
     "bf16 autocast on CUDA, nothing elsewhere."
-    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    if device.type == 'cuda': return torch.autocast('cuda', dtype=torch.bfloat16)
+    return torch.autocast('cpu', enabled=False)
 
 @torch.no_grad()
-def score_candidates(model:SpeederRecommender, batch:dict, active=None)->torch.Tensor:
+def score_candidates(model:SpeederRecommender, # the recommender
+                     batch:dict, # a prompt batch without answers
+                     active=None, # modalities MRC uses (default the config's)
+                    )->torch.Tensor:
     "Log-probability of each candidate's letter after the prompt: `(B, n_candidates)`."
-    if not model.prompt.can_score: raise SpeederError(f'{type(model.prompt).__name__} answers in free text; it has no score mode (use generate)')
-    out = model._lm(model.embed(batch, active), batch, keep=1)
+    if not model.prompt.can_score:
+        raise SpeederError(f'{type(model.prompt).__name__} answers in free text; it has no score mode (use generate)')
+    out = model.lm(model.embed(batch, active), batch, keep=1)
     logp = out.logits[:, -1].float().log_softmax(-1)
     return logp[:, torch.tensor(model.prompt.label_ids, device=logp.device)].cpu()
 
 @torch.no_grad()
-def generate_answers(model:SpeederRecommender, batch:dict, max_new_tokens:int|None=None, active=None,
+def generate_answers(model:SpeederRecommender, # the recommender
+                     batch:dict, # a prompt batch without answers
+                     max_new_tokens:int|None=None, # tokens to decode (default the prompt's or the config's)
+                     active=None, # modalities MRC uses
                      stop_at_eos:bool=True, # False: always decode `max_new_tokens` tokens (benchmarks)
                     )->list[str]:
     "Greedy answers (KV cache, stops at the end token), decoded without special tokens."
     n = max_new_tokens or model.prompt.max_answer_tokens or model.cfg.max_new_tokens
     eos, dev = model.prompt.eos_id, model.device
     mask, pos = batch['attention_mask'].to(dev), batch['position_ids'].to(dev)
-    out = model._lm(model.embed(batch, active), batch, keep=1, use_cache=True)
+    out = model.lm(model.embed(batch, active), batch, keep=1, use_cache=True)
     done = torch.zeros(len(mask), dtype=torch.bool, device=dev); steps = []
     for i in range(n):
         nxt = out.logits[:, -1].argmax(-1).masked_fill(done, eos)
@@ -503,18 +659,24 @@ def generate_answers(model:SpeederRecommender, batch:dict, max_new_tokens:int|No
 
 def _batches(n:int, size:int): return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
-def recommend(model:SpeederRecommender, histories, candidates, # (n, L) and (n, C) item ids
-              mode:str='score', # 'score' or 'generate'
-              batch_size:int|None=None, active=None, progress_desc:str|None=None)->dict:
+def recommend(model:SpeederRecommender, # the recommender
+              histories, # (n, L) item ids, left-padded
+              candidates, # (n, C) item ids
+              mode:str=SCORE, # 'score' or 'generate'
+              batch_size:int|None=None, # examples per call (default the config's eval_batch_size)
+              active=None, # modalities MRC uses
+              progress_desc:str|None=None, # show a progress bar with this title (None: no bar)
+             )->dict:
     "Answers for many examples: `picks` (item id or None), plus `scores` (score mode) or `answers` (generate mode)."
-    if mode not in ('score', 'generate'): raise SpeederError(f"answer mode {mode!r}: use 'score' or 'generate'")
+    check_mode(mode)
     histories, candidates = np.asarray(histories), np.asarray(candidates)
     was = model.training; model.eval()
     picks, scores, answers = [], [], []
-    for sl in progress(_batches(len(histories), batch_size or model.cfg.eval_batch_size), desc=progress_desc, disable=progress_desc is None):
+    slices = _batches(len(histories), batch_size or model.cfg.eval_batch_size)
+    for sl in progress(slices, desc=progress_desc, disable=progress_desc is None):
         batch = model.prompt.batch(histories[sl], candidates[sl])
-        with _autocast(model.device):
-            if mode == 'score':
+        with autocast(model.device):
+            if mode == SCORE:
                 s = score_candidates(model, batch, active); scores.append(s)
                 picks += [int(c[k]) for c, k in zip(candidates[sl], s.argmax(1).tolist())]
             else:
@@ -523,30 +685,52 @@ def recommend(model:SpeederRecommender, histories, candidates, # (n, L) and (n, 
     model.train(was)
     return dict(picks=picks, scores=torch.cat(scores).numpy() if scores else None, answers=answers or None)
 
-def evaluate(model:SpeederRecommender, split:Split, # a split with saved candidates (valid or test)
-             mode:str='generate', # 'generate' (ValidRatio, HR@1, VHR@1) or 'score' (HR@1, HR@5, NDCG@5)
+def evaluate(model:SpeederRecommender, # the recommender
+             split:Split, # a split with saved candidates (valid or test)
+             mode:str=GENERATE, # 'generate' (ValidRatio, HR@1, VHR@1) or 'score' (HR@1, HR@5, NDCG@5)
              max_examples:int|None=None, # first n examples (None: all)
-             batch_size:int|None=None, active=None)->dict:
-    "Metrics of one answer mode on a split, with timing."
+             batch_size:int|None=None, # examples per call
+             active=None, # modalities MRC uses
+            )->dict:
+    "Metrics of one answer mode on a split, with timing; under torchrun the examples are shared out and gathered."
+    check_mode(mode)
     if split.candidates is None: raise SpeederError('this split has no saved candidates; evaluate on valid or test')
+    if max_examples is not None and max_examples < 1: raise SpeederError(f'max_examples must be at least 1, got {max_examples}')
     n = len(split) if max_examples is None else min(max_examples, len(split))
+    mine = np.array_split(np.arange(n), world_size())[rank()]   # one process: every example
     t0 = time.time()
-    res = recommend(model, split.histories[:n], split.candidates[:n], mode, batch_size, active, progress_desc=f'evaluate ({mode})')
+    res = recommend(model, split.histories[mine], split.candidates[mine], mode, batch_size, active,
+                    progress_desc=f'evaluate ({mode})' if is_main() else None)
+    parts = gather_objects(dict(picks=res['picks'], scores=res['scores']))
     secs = time.time() - t0
-    targets = split.targets[:n]
-    m = scorer_metrics(res['scores'], split.candidates[:n], targets) if mode == 'score' else generation_metrics(res['picks'], targets)
+    cands, targets = split.candidates[:n], split.targets[:n]
+    if mode == SCORE:
+        m = scorer_metrics(np.concatenate([p['scores'] for p in parts if p['scores'] is not None]), cands, targets)
+    else: m = generation_metrics([x for p in parts for x in p['picks']], targets)
     return dict(m, mode=mode, seconds=secs, examples_per_s=n / secs if secs else None)
 
 # %% ../nbs/05_llm.ipynb #2190d6e9
-def lr_at(step:int, lr:float, warmup:int, total:int)->float:
+def lr_at(step:int, # 0-based optimizer step
+          lr:float, # peak learning rate
+          warmup:int, # warm-up steps
+          total:int, # steps of the schedule
+         )->float:
     "Linear warm-up for `warmup` steps, then cosine decay to `lr/10` at `total`."
     if step < warmup: return lr * (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+def total_steps(cfg:SpeederConfig, # `max_steps`, or `epochs` with the batch settings
+                n_examples:int, # training examples
+               )->int:
+    "Optimizer steps of a run: `max_steps`, else `epochs` passes over the examples at the global batch size."
+    return cfg.max_steps or max(1, cfg.epochs * math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum * world_size())))
+
 def training_split(ds, # a `Dataset`
                    n_examples:int|None=None, # random subsample (None: all training examples)
-                   n_candidates:int=20, seed:int=0)->Split:
+                   n_candidates:int=20, # candidates per example (the target and random negatives)
+                   seed:int=0, # seed of the subsample and the negatives
+                  )->Split:
     "Training examples of `ds` with candidate sets (the target + negatives the user never interacted with)."
     tr = ds.train
     idx = np.arange(len(tr)) if n_examples is None or n_examples >= len(tr) else \
@@ -555,33 +739,34 @@ def training_split(ds, # a `Dataset`
     sub.candidates = sample_candidates(sub, ds.sequences, ds.n_items, n_candidates, seed)
     return sub
 
-def fit(model:SpeederRecommender, examples:Split, # training examples with candidates (see `training_split`)
+def fit(model:SpeederRecommender, # the recommender
+        examples:Split, # training examples with candidates (see `training_split`)
         cfg:SpeederConfig|None=None, # optimisation settings (default `model.cfg`); under torchrun `batch_size` is per rank
         params:list|None=None, # parameters to train (default: every trainable one)
         active:tuple|None=None, # modalities MRC uses (default `cfg.modalities`)
         json_progress:bool=False, # one JSON line per log step on stderr instead of a progress bar
-        log_every:int=10,
+        log_every:int=10, # steps between JSON progress lines
         state:dict|None=None, # continue from `get_state()` of an interrupted call with the same arguments
         on_step=None, # called as on_step(steps_done, get_state) after every optimizer step (checkpoints)
        )->list[dict]:
-    "Train with AdamW + warm-up/cosine; returns one record per optimizer step. Under torchrun: DDP, each rank its slice of every batch."
+    "Train with AdamW + warm-up/cosine; returns one record per optimizer step. Under torchrun: DDP, each rank its slice."
     cfg = cfg or model.cfg
     if examples.candidates is None: raise SpeederError('training examples need candidate sets (see training_split)')
     R, W = rank(), world_size()
-    torch.manual_seed(rank_seed(cfg.seed)); rng = np.random.default_rng(cfg.seed)   # the data order is the same on every rank
+    torch.manual_seed(rank_seed(cfg.seed)); rng = np.random.default_rng(cfg.seed)   # the same data order on every rank
     gen = torch.Generator(device=model.device).manual_seed(rank_seed(cfg.seed))
     params = [p for p in (params or model.trainable_parameters()) if p.requires_grad]
     opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)], lr=cfg.lr)
     per_step = cfg.batch_size * cfg.grad_accum * W   # examples per optimizer step, all ranks together
-    total = cfg.max_steps or max(1, cfg.epochs * math.ceil(len(examples) / per_step))
+    total = total_steps(cfg, len(examples))
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(total * per_step / len(examples)))])
     history, start, t0 = [], 0, time.time()
     if state is not None:   # resume: same data order (a function of the seed), restored optimizer and random states
-        opt.load_state_dict(state['optimizer']); restore_rng_state(state, gen)
+        opt.load_state_dict(state['tensors']['optimizer']); restore_rng_state(state['tensors']['rng'], gen)
         history, start = list(state['history']), len(state['history'])
         t0 -= history[-1]['seconds'] if history else 0.0
-    get_state = lambda: dict(optimizer=opt.state_dict(), **rng_state(gen), history=list(history))
+    get_state = lambda: dict(tensors=dict(optimizer=opt.state_dict(), rng=rng_state(gen)), history=list(history))
     net = ddp(model)   # `model` itself in a single process
     model.train()
     bar = progress(range(start, total), desc='fit', disable=json_progress or R > 0, initial=start, total=total)
@@ -592,7 +777,7 @@ def fit(model:SpeederRecommender, examples:Split, # training examples with candi
             idx = rank_slice(order, step * cfg.grad_accum + a, cfg.batch_size, R, W)   # this rank's block of the batch
             batch = model.prompt.batch(examples.histories[idx], examples.candidates[idx], examples.targets[idx])
             with grad_sync(net, a == cfg.grad_accum - 1):   # DDP averages gradients over ranks in the last backward
-                with _autocast(model.device): out = net(batch, active, gen)
+                with autocast(model.device): out = net(batch, active, gen)
                 (out['loss'] / cfg.grad_accum).backward()
             for k in rec: rec[k] += out[k].item() / cfg.grad_accum
         rec = mean_over_ranks(rec)
@@ -602,172 +787,19 @@ def fit(model:SpeederRecommender, examples:Split, # training examples with candi
         rec.update(step=step + 1, lr=opt.param_groups[0]['lr'], grad_norm=float(gnorm), seconds=secs,
                    examples_per_s=(step + 1) * per_step / secs)
         history.append(rec)
-        if json_progress and R == 0 and ((step + 1) % log_every == 0 or step + 1 == total): log(json.dumps({k: round(v, 4) for k, v in rec.items()}))
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", ppt=f"{rec['ppt_loss']:.3f}", ex_s=f"{rec['examples_per_s']:.1f}", refresh=False)
+        if json_progress and R == 0 and ((step + 1) % log_every == 0 or step + 1 == total):
+            log(json.dumps({k: round(v, 4) for k, v in rec.items()}))
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", ppt=f"{rec['ppt_loss']:.3f}", ex_s=f"{rec['examples_per_s']:.1f}",
+                        refresh=False)
         if on_step is not None: on_step(step + 1, get_state)
     model.eval()
     return history
 
-# %% ../nbs/05_llm.ipynb #a7bd9495
-import contextlib, datetime, io
-import torch.distributed as dist
-
-# %% ../nbs/05_llm.ipynb #52dd033d
-RANK_SEED_STRIDE = 1000   # rank r draws dropout and PPT pairs from seed + 1000·r; rank 0 from the seed itself
-
-def dist_env()->tuple[int, int, int]:
-    "(rank, world size, local rank) from torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`; (0, 1, 0) in a plain process."
-    return tuple(int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
-
-def init_distributed(timeout_min:int=30, # how long ranks wait for each other (rank 0 may first fill the feature caches)
-                    )->torch.device|None:
-    "Under torchrun: join the process group once (nccl on CUDA, gloo on CPU) and return this rank's device; None in a plain process."
-    _, world, local = dist_env()
-    if world == 1: return None
-    cuda = torch.cuda.is_available()
-    device = torch.device('cuda', local) if cuda else torch.device('cpu')
-    if cuda: torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=timeout_min),
-                                **(dict(device_id=device) if cuda else {}))
-    return device
-
-def finish_distributed():
-    "Leave the process group (end of a torchrun program); nothing in a plain process."
-    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
-
-def world_size()->int:
-    "How many processes train together (1 without torchrun)."
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-def rank()->int:
-    "This process's rank, 0 .. world_size() - 1 (0 without torchrun)."
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-def is_main()->bool:
-    "Is this rank 0, the process that writes the run folder and prints?"
-    return rank() == 0
-
-def rank_seed(seed:int)->int:
-    "This rank's seed for dropout and PPT pairs: `seed` itself on rank 0."
-    return seed + RANK_SEED_STRIDE * rank()
-
-def log_main(*msg):
-    "`log` on rank 0 only (every process logs in a single-process run)."
-    if is_main(): log(*msg)
-
-def rank_slice(order:np.ndarray, # the seeded order of example indices, the same on every rank
-               i:int, # global micro-batch number (step × grad_accum + accumulation index)
-               batch_size:int, # examples per rank
-               r:int=0, w:int=1, # this rank, number of ranks
-              )->np.ndarray:
-    "Rank `r`'s examples of global micro-batch `i`: the `r`-th block of `batch_size` among its `batch_size × w` examples."
-    return order[(i * w + r) * batch_size:][:batch_size]
-
-# %% ../nbs/05_llm.ipynb #0dce8ba6
-def _comm_device()->torch.device:
-    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-
-def mean_over_ranks(values:dict, # name -> number, e.g. one step's losses
-                   )->dict:
-    "Each number's mean over the ranks (float64 all-reduce); a single process gets `values` back untouched."
-    if world_size() == 1: return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return dict(zip(values, (t / world_size()).tolist()))
-
-def gather_objects(obj, # anything picklable
-                  )->list:
-    "Every rank's `obj` (anything picklable) in rank order, on every rank."
-    if world_size() == 1: return [obj]
-    out = [None] * world_size(); dist.all_gather_object(out, obj)
-    return out
-
-def ddp(model:SpeederRecommender, # the model on this rank's device
-       )->nn.Module:
-    "Under torchrun: `model` in DistributedDataParallel (gradients averaged over ranks during backward); else `model` itself."
-    if world_size() == 1: return model
-    from torch.nn.parallel import DistributedDataParallel
-    dev = model.device
-    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == 'cuda' else None,
-                                   find_unused_parameters=True, forward_sync_buffers=False)
-
-def grad_sync(net:nn.Module, # `ddp(model)`
-              sync:bool, # exchange gradients in this backward (the last micro-batch of a step)?
-             ):
-    "Context for one forward + backward: DDP's `no_sync()` unless `sync` (the micro-batches before the last); else nothing."
-    return contextlib.nullcontext() if sync or not hasattr(net, 'no_sync') else net.no_sync()
-
-def launch_hint(n:int, # number of processes
-               )->str:
-    "How to start a program with `n` processes (for error messages)."
-    return 'as a plain process (no torchrun)' if n == 1 else f'with torchrun --nproc_per_node {n}'
-
-def rng_state(gen:torch.Generator, # the PPT pair generator of `fit`
-             )->dict:
-    "Random states for a checkpoint: this process's; under DDP also every rank's (`rank_rng`: rank 0 writes them all)."
-    mine = dict(generator=gen.get_state(), torch_rng=torch.get_rng_state())
-    return mine if world_size() == 1 else dict(mine, world_size=world_size(), rank_rng=gather_objects(mine))
-
-def restore_rng_state(state:dict, # a checkpoint's `get_state()`
-                      gen:torch.Generator, # the PPT pair generator of `fit`
-                     ):
-    "Set the random states `rng_state` saved, each rank its own; the world size must be the one that wrote them."
-    saved = state.get('world_size', 1)
-    if saved != world_size():
-        raise SpeederError(f'this checkpoint was written by {saved} process(es) and this run has {world_size()}: the global batch and '
-                           f'the data slices would change; continue it {launch_hint(saved)}')
-    mine = state['rank_rng'][rank()] if saved > 1 else state
-    gen.set_state(mine['generator']); torch.set_rng_state(mine['torch_rng'])
-
-# %% ../nbs/05_llm.ipynb #55962e5f
-class RankZeroError(SpeederError):
-    "An error rank 0 met in work only it does (`on_main`), raised on every other rank too; rank 0 reports it."
-
-def on_main(fn, # work that only rank 0 may do (create the run folder, write files)
-            *args, **kwargs):
-    "Run `fn` on rank 0 only (it writes to disk) and hand every rank its result, or its error."
-    if world_size() == 1: return fn(*args, **kwargs)
-    box = [None]
-    if is_main():
-        try: box = [('ok', fn(*args, **kwargs))]
-        except Exception as e:
-            dist.broadcast_object_list([('error', str(e) if isinstance(e, SpeederError) else f'{type(e).__name__}: {e}')], src=0)
-            raise
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == 'error': raise RankZeroError(value)
-    return value
-
-@contextlib.contextmanager
-def main_first():
-    "Rank 0 runs the block first (filling caches on disk, logging), then the other ranks (reading them, silently); a plain `with` in one process."
-    if world_size() == 1: yield; return
-    if not is_main(): dist.barrier()
-    with contextlib.redirect_stderr(io.StringIO()) if not is_main() else contextlib.nullcontext(): yield
-    if is_main(): dist.barrier()
-
-def evaluate_sharded(model:SpeederRecommender, split:Split, # a split with saved candidates
-                     mode:str='generate', # 'generate' or 'score' (see `evaluate`)
-                     max_examples:int|None=None, # first n examples (None: all)
-                     batch_size:int|None=None, active=None)->dict:
-    "`evaluate`, with the examples split over the ranks in contiguous blocks and the answers gathered: the metrics of all examples, on every rank."
-    if world_size() == 1: return evaluate(model, split, mode, max_examples, batch_size, active)
-    if split.candidates is None: raise SpeederError('this split has no saved candidates; evaluate on valid or test')
-    n = len(split) if max_examples is None else min(max_examples, len(split))
-    mine = np.array_split(np.arange(n), world_size())[rank()]
-    t0 = time.time()
-    res = recommend(model, split.histories[mine], split.candidates[mine], mode, batch_size, active,
-                    progress_desc=f'evaluate ({mode})' if is_main() else None)
-    parts = gather_objects(dict(picks=res['picks'], scores=res['scores']))
-    secs = time.time() - t0
-    cands, targets = split.candidates[:n], split.targets[:n]
-    if mode == 'score': m = scorer_metrics(np.concatenate([p['scores'] for p in parts if p['scores'] is not None]), cands, targets)
-    else: m = generation_metrics([x for p in parts for x in p['picks']], targets)
-    return dict(m, mode=mode, seconds=secs, examples_per_s=n / secs if secs else None)
-
 # %% ../nbs/05_llm.ipynb #b3828f86
-def toy_split(n:int=8, n_items:int=60, seed:int=0)->Split:
+def toy_split(n:int=8, # examples
+              n_items:int=60, # items to draw from
+              seed:int=0, # seed of the draws
+             )->Split:
     "`n` random examples over `n_items` items, histories of 3..10 items, 20 candidates each."
     rng = np.random.default_rng(seed)
     hist = np.zeros((n, 10), np.int64)
@@ -777,22 +809,28 @@ def toy_split(n:int=8, n_items:int=60, seed:int=0)->Split:
     return Split(np.arange(n), hist, cands[np.arange(n), rng.integers(0, 20, n)], cands)
 
 # %% ../nbs/05_llm.ipynb #30bbe047
+REORDERINGS = ('shuffle', 'reverse')   # how `reorder_histories` can reorder a history
+
 def reorder_histories(histories:np.ndarray, # (n, L) left-padded item ids
                       order:str, # 'shuffle' or 'reverse'
-                      seed:int=0)->np.ndarray:
+                      seed:int=0, # seed of the shuffles
+                     )->np.ndarray:
     "The same items of each history in another order; padding stays on the left."
+    if order not in REORDERINGS: raise SpeederError(f"order {order!r}: use 'shuffle' or 'reverse'")
     out, rng = np.array(histories, copy=True), np.random.default_rng(seed)
     for r in range(len(out)):
         real = out[r][out[r] > 0]
-        if order == 'reverse': real = real[::-1]
-        elif order == 'shuffle': real = rng.permutation(real)
-        else: raise SpeederError(f"order {order!r}: use 'shuffle' or 'reverse'")
+        real = real[::-1] if order == 'reverse' else rng.permutation(real)
         out[r, len(out[r]) - len(real):] = real
     return out
 
-def order_sensitivity(model:SpeederRecommender, split:Split, # a split with candidates
-                      mode:str='score', orders:tuple=('shuffle', 'reverse'),
-                      max_examples:int|None=200, seed:int=0)->dict:
+def order_sensitivity(model:SpeederRecommender, # the recommender
+                      split:Split, # a split with candidates
+                      mode:str=SCORE, # answer mode
+                      orders:tuple=REORDERINGS, # reorderings to try
+                      max_examples:int|None=200, # first n examples (None: all)
+                      seed:int=0, # seed of the shuffles
+                     )->dict:
     "How often the pick changes when the history is reordered, and HR@1 for each order."
     n = len(split) if max_examples is None else min(max_examples, len(split))
     h, c, t = split.histories[:n], split.candidates[:n], split.targets[:n]
@@ -805,74 +843,32 @@ def order_sensitivity(model:SpeederRecommender, split:Split, # a split with cand
     return res
 
 # %% ../nbs/05_llm.ipynb #0c9f38b7
-def _set_seeds(seed:int):
-    torch.manual_seed(seed); np.random.seed(seed)
+TRAINED_MODULES = ('mrc', 'ppl', 'ppt_head')   # the model's own trainable modules (LoRA is saved by peft)
 
-def sequence_table(ds, how:str='sasrec', root:str|Path|None=None)->torch.Tensor|None:
-    "SASRec item embeddings (training SASRec first if needed), or None for zeros."
-    if how == 'zeros': return None
-    from speeder.sasrec import sasrec_item_embeddings, train_sasrec
-    try: return sasrec_item_embeddings(ds, root)
-    except SpeederError as e:
-        log(f'{e}; training SASRec now (its item embeddings are the sequence modality)')
-        train_sasrec(ds)
-        return sasrec_item_embeddings(ds, root)
-
-def _llm_name(llm:str)->str: return Path(str(llm)).name.replace('.gguf', '') or str(llm)
-
-def save_weights(model:SpeederRecommender, folder:str|Path):
+def save_weights(model:SpeederRecommender, # the recommender
+                 folder:str|Path, # where to write `lora/` and `modules.pt`
+                ):
     "Trainable weights only: the LoRA adapter (peft `save_pretrained`) and MRC, PPL and PPT head (never the backbone)."
     folder = Path(folder)
     model.llm.save_pretrained(str(folder/'lora'))
-    torch.save({k: getattr(model, k).state_dict() for k in ('mrc', 'ppl', 'ppt_head')}, folder/'modules.pt')
+    torch.save({k: getattr(model, k).state_dict() for k in TRAINED_MODULES}, folder/'modules.pt')
 
-def load_weights(model:SpeederRecommender, folder:str|Path):
-    "Load what `save_weights` wrote into a model built with the same config."
+def load_weights(model:SpeederRecommender, # a model built with the same config
+                 folder:str|Path, # a folder `save_weights` wrote
+                ):
+    "Load what `save_weights` wrote; tensors only (nothing in the folder can run code), shapes checked."
     from peft import load_peft_weights, set_peft_model_state_dict
     folder = Path(folder)
-    set_peft_model_state_dict(model.llm, load_peft_weights(str(folder/'lora'), device=str(model.device)))
-    for k, sd in torch.load(folder/'modules.pt', map_location=model.device, weights_only=True).items(): getattr(model, k).load_state_dict(sd)
-
-def save_run(model:SpeederRecommender, run_dir:str|Path, metrics:dict, history:list)->Path:
-    "Trainable weights (`save_weights`) + config, metrics and training history."
-    run = Path(run_dir); run.mkdir(parents=True, exist_ok=True)
-    save_weights(model, run)
-    (run/'config.json').write_text(json.dumps(model.cfg.to_dict(), indent=1))
-    (run/'metrics.json').write_text(json.dumps(metrics, indent=1))
-    (run/'history.json').write_text(json.dumps(history))
-    return run
-
-def load_run(run_dir:str|Path, features:ItemFeatures, root:str|Path|None=None, device=None)->SpeederRecommender:
-    "A trained recommender from a run folder and the same item features."
-    run = Path(run_dir)
-    if not (run/'config.json').exists(): raise SpeederError(f'{run} is not a Speeder run folder (no config.json)')
-    model = SpeederRecommender(features, SpeederConfig.from_dict(json.loads((run/'config.json').read_text())), root=root, device=device)
-    load_weights(model, run)
-    return model.eval()
-
-def train_main(dataset:str='ml-100k', # dataset name (see `load_dataset`)
-               llm:str='smollm2', # 'smollm2', 'tiny' (stand-in for tests) or a local causal LM folder / .gguf
-               root:str|Path|None=None, # data folder
-               out:str|Path|None=None, # run folder (default data/runs/<dataset>-<llm>-<time>)
-               json_progress:bool=False, # JSON progress lines on stderr instead of progress bars
-               **overrides, # any `SpeederConfig` field
-              )->dict:
-    "Train Speeder (one stage, all modalities), evaluate on the test candidates both ways, save the run."
-    cfg = SpeederConfig.from_dict(dict(overrides, llm=str(llm)))
-    _set_seeds(cfg.seed); t_start = time.time()
-    ds = load_dataset(dataset, root)
-    feats = item_features(ds, sequence=sequence_table(ds, cfg.sequence_features, root), root=root)
-    model = SpeederRecommender(feats, cfg, root=root)
-    train = training_split(ds, cfg.train_examples, cfg.n_candidates, cfg.seed)
-    t0 = time.time(); hist = fit(model, train, cfg, json_progress=json_progress); train_s = time.time() - t0
-    gen = evaluate(model, ds.test, 'generate', cfg.eval_examples)
-    sc = evaluate(model, ds.test, 'score', cfg.eval_examples)
-    run = Path(out) if out else data_root(root)/'runs'/f'{dataset}-{_llm_name(cfg.llm)}-{time.strftime("%Y%m%d-%H%M%S")}'
-    result = dict(dataset=dataset, llm=cfg.llm, backbone_is_stand_in=model.is_stand_in,
-                  hr1=gen['hr1'], valid_ratio=gen['valid_ratio'], vhr1=gen['vhr1'],
-                  score_hr1=sc['hr1'], score_hr5=sc['hr5'], score_ndcg5=sc['ndcg5'], n_test=gen['n'],
-                  train_examples=len(train), steps=len(hist), first_loss=hist[0]['lm_loss'], final_loss=hist[-1]['lm_loss'],
-                  train_s=train_s, s_per_step=train_s / len(hist), generate_s=gen['seconds'], score_s=sc['seconds'],
-                  wall_s=time.time() - t_start, device=str(model.device), run_dir=str(run))
-    save_run(model, run, result, hist)
-    return result
+    if not (folder/'lora'/'adapter_model.safetensors').is_file() or not (folder/'modules.pt').is_file():
+        raise SpeederError(f'{folder} holds no saved weights (lora/adapter_model.safetensors and modules.pt)')
+    try: modules = torch.load(folder/'modules.pt', map_location=model.device, weights_only=True)
+    except Exception as e: raise SpeederError(f'{folder/"modules.pt"} cannot be loaded as tensors: {first_line(e)}') from None
+    out = modules.get('mrc', {}).get('output_adapter.3.weight') if isinstance(modules, dict) else None
+    if out is not None and out.shape[0] != model.hidden:
+        raise SpeederError(f'{folder} was made with a backbone of hidden size {out.shape[0]}, but {model.cfg.llm!r} has '
+                           f'{model.hidden}; use the backbone the run was made with')
+    try:
+        set_peft_model_state_dict(model.llm, load_peft_weights(str(folder/'lora'), device=str(model.device)))
+        for k in TRAINED_MODULES: getattr(model, k).load_state_dict(modules[k])
+    except (RuntimeError, KeyError) as e:
+        raise SpeederError(f'the weights in {folder} do not fit this model: {first_line(e)}') from None

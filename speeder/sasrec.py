@@ -4,12 +4,13 @@
 
 # %% ../nbs/01_sasrec.ipynb #054cf732
 from __future__ import annotations
-import json, math, os, random, tempfile, time
+import json, math, time
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
-from .data import SpeederError, log, progress, data_root, load_dataset, scorer_metrics, Dataset, Split
+from .data import (SpeederError, log, progress, data_root, load_dataset, scorer_metrics, Dataset, Split,
+                          atomic_write, seed_everything)
 
 # %% auto #0
 __all__ = ['attention_mask', 'CausalSelfAttention', 'SASRecConfig', 'SASRecBlock', 'SASRec', 'training_windows', 'window_pairs',
@@ -181,27 +182,15 @@ def sasrec_dir(ds:Dataset, root:str|Path|None=None # data folder (see `data_root
     if root is None and ds.path is not None: return Path(ds.path).parent/'sasrec'
     return data_root(root)/ds.name/'sasrec'
 
-def _atomic_write(path:Path, write):
-    "Call `write(tmp_path)` on a temporary file next to `path`, then rename it onto `path`."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    os.close(fd)
-    try: write(tmp); os.chmod(tmp, 0o644); os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-
-def _seed_all(seed:int):
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
-
 def save_sasrec(model:SASRec, ds:Dataset, result:dict, out_dir:Path)->Path:
     "Write model.pt, item_embeddings.pt and metrics.json to `out_dir` (atomically); returns the model.pt path."
     out_dir = Path(out_dir)
     ckpt = dict(state_dict=model.state_dict(), config=asdict(model.cfg), n_items=model.n_items,
                 dataset=ds.name, fingerprint=ds.info.get('fingerprint'))
-    _atomic_write(out_dir/'model.pt', lambda p: torch.save(ckpt, p))
+    atomic_write(out_dir/'model.pt', lambda p: torch.save(ckpt, p))
     emb = model.item_emb.weight.detach().clone()
-    _atomic_write(out_dir/'item_embeddings.pt', lambda p: torch.save(emb, p))
-    _atomic_write(out_dir/'metrics.json', lambda p: Path(p).write_text(json.dumps(result, indent=1)))
+    atomic_write(out_dir/'item_embeddings.pt', lambda p: torch.save(emb, p))
+    atomic_write(out_dir/'metrics.json', lambda p: Path(p).write_text(json.dumps(result, indent=1)))
     return out_dir/'model.pt'
 
 # %% ../nbs/01_sasrec.ipynb #21d39dae
@@ -219,7 +208,7 @@ def train_sasrec(ds:Dataset, # a processed dataset (`load_dataset`)
     threads = torch.get_num_threads()
     if cfg.n_threads: torch.set_num_threads(cfg.n_threads)
     try:
-        _seed_all(cfg.seed)
+        seed_everything(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         model = SASRec(ds.n_items, cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -297,7 +286,7 @@ def sasrec_item_embeddings(ds:Dataset, # the dataset the embeddings must match
                           )->torch.Tensor:
     "SASRec's item embedding table (n_items+1, d_model), row i = item id i (row 0 padding); raises if not trained yet."
     path = _sasrec_file(ds, root, 'item_embeddings.pt')
-    emb = torch.load(path, map_location='cpu')
+    emb = torch.load(path, map_location='cpu', weights_only=True)
     if emb.shape[0] != ds.n_items + 1:
         raise SpeederError(f'{path} has {emb.shape[0]} rows but {ds.name} has {ds.n_items}+1 items: '
                            f'run `speeder sasrec --dataset {ds.name}` again')
@@ -306,7 +295,7 @@ def sasrec_item_embeddings(ds:Dataset, # the dataset the embeddings must match
 def load_sasrec(ds:Dataset, root:str|Path|None=None)->SASRec:
     "The saved SASRec of `ds`, in eval mode; raises if not trained yet."
     path = _sasrec_file(ds, root, 'model.pt')
-    ckpt = torch.load(path, map_location='cpu')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
     if ckpt['n_items'] != ds.n_items:
         raise SpeederError(f"{path} has {ckpt['n_items']} items but {ds.name} has {ds.n_items}: "
                            f'run `speeder sasrec --dataset {ds.name}` again')

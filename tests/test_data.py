@@ -94,3 +94,22 @@ def test_json_output_is_one_clean_line(amazon):
     assert len(lines) == 1
     out = json.loads(lines[0])
     assert out['n_candidates'] == 20 and out['n_users'] == 30 and out['dataset'] == 'amazon-toys'
+
+def test_raw_dir_with_unknown_files_is_refused(tmp_path):
+    "No silent fallback to the packaged copy: the files looked for are named, and nothing is built."
+    d = tmp_path/'mine'; d.mkdir(); (d/'ratings.csv').write_text('1,2,3\n')
+    r = run_cli('data', 'ml-100k', '--json', '--raw-dir', str(d), '--data-dir', str(tmp_path/'data'))
+    _one_line_error(r, 'holds no MovieLens files', 'u.data + u.item', '.inter', 'ratings.csv')
+    assert not (tmp_path/'data').exists()
+
+def test_corrupt_image_is_found_when_the_dataset_is_built(tmp_path):
+    raw, img = tmp_path/'raw', tmp_path/'img'
+    write_amazon_fixture(raw, '2023', n_users=30, n_items=40, per_user=8, images=img)
+    (img/'B00005.png').write_bytes(b'not an image at all')
+    args = ['data', 'amazon-toys', '--json', '--data-dir', str(tmp_path/'data'), '--raw-dir', str(raw), '--images', str(img)]
+    _one_line_error(run_cli(*args), 'B00005.png', '--skip-bad-images')
+    assert not (tmp_path/'data'/'amazon-toys'/'processed').exists()
+    r = run_cli(*args, '--skip-bad-images')
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res['n_bad_images'] == 1 and res['n_items_with_image'] == res['n_items'] - 1

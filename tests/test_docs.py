@@ -62,7 +62,7 @@ def test_screenshots(processed, tmp_path):
     from PIL import Image
     import numpy as np
     cd.render(results=processed)
-    for stem in ('index', '00_data', '09_explore'):
+    for stem in ('index', '00_data', '11_explore'):
         nb = next(p for p in NBS if p.stem == stem)
         if processed[nb]['error']: continue
         png = cd.screenshot(cd.PREVIEW/cd.page_name(nb), tmp_path/f'{stem}.png')

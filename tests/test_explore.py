@@ -7,7 +7,7 @@ import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from speeder.data import SpeederError, data_root, write_amazon_fixture, load_dataset
 import speeder.explore as ex
-import speeder.mpo as mpo
+import speeder.runs as runs
 
 @pytest.fixture(scope='module')
 def ml_runs(tmp_path_factory):
@@ -25,7 +25,7 @@ def amazon_run(tmp_path_factory):
     write_amazon_fixture(root/'amazon-toys', '2023', n_users=30, n_items=40, per_user=8, images=img)
     ds = load_dataset('amazon-toys', root, images=img)
     train_sasrec(ds, SASRecConfig(max_epochs=2), out_dir=sasrec_dir(ds, root), progress_bar=False)
-    mpo.train_main('amazon-toys', 'tiny', 'amazon', runs_dir=tmp/'runs', root=root, images=img, **ex.TINY_EXPLORE)
+    runs.train_main('amazon-toys', 'tiny', 'amazon', runs_dir=tmp/'runs', root=root, images=img, **ex.TINY_EXPLORE)
     return ex.open_run(tmp/'runs'/'amazon', root)
 
 def _titles(run, user):

@@ -4,7 +4,7 @@ import pytest, torch
 from speeder.data import SpeederError, fetch_asset, prepare_dataset, write_amazon_fixture
 import speeder.features as sf
 from speeder.features import (TextEncoder, VisionEncoder, ItemFeatures, text_features, vision_features, item_features,
-                              load_efficientnet_lite0, file_sha256, mean_pool, last_pool, LITE0_FILE, SEQUENCE_DIM)
+                              load_efficientnet_lite0, weights_fingerprint, mean_pool, last_pool, LITE0_FILE, SEQUENCE_DIM)
 
 def _amazon(tmp_path, images=True, drop=(), corrupt=()):
     "A small Amazon-2023 dataset under tmp_path (images optional; some deleted before, some corrupted after building)."
@@ -146,15 +146,17 @@ def test_hidden_size_change_rebuilds(tmp_path, count_encodes, capsys):
     assert torch.load(cache, weights_only=True)['features'].shape == (ds.n_items + 1, 16)
 
 def test_weight_hashes_are_remembered(tmp_path, monkeypatch):
+    import speeder.data as sd
     f = tmp_path/'w.bin'; f.write_bytes(b'x' * 1000)
     calls = []
-    real = sf.sha256_file
-    monkeypatch.setattr(sf, 'sha256_file', lambda p: calls.append(p) or real(p))
-    h1, h2 = file_sha256(f, tmp_path), file_sha256(f, tmp_path)
+    real = sd._sha256
+    monkeypatch.setattr(sd, '_sha256', lambda p: calls.append(p) or real(p))
+    h1, h2 = weights_fingerprint(f, tmp_path), weights_fingerprint(f, tmp_path)
     assert h1 == h2 and len(calls) == 1
     f.write_bytes(b'y' * 1001)                         # size (and mtime) change: hashed again
-    assert file_sha256(f, tmp_path) != h1 and len(calls) == 2
+    assert weights_fingerprint(f, tmp_path) != h1 and len(calls) == 2
     assert json.loads((tmp_path/'.cache'/'sha256.json').read_text())[str(f.resolve())]['size'] == 1001
+    assert sd.sha256_file(f) == weights_fingerprint(f, tmp_path)   # the memo changes nothing but the time
 
 # --- all modalities ---------------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ lab = sys.modules.setdefault('lab_check', importlib.util.module_from_spec(_spec)
 
 @pytest.mark.skipif(lab.find_chromium() is None, reason='no chromium binary (Debian: apt-get install -y chromium)')
 def test_explore_notebook_in_jupyterlab(tmp_path):
-    res = lab.check_lab('nbs/09_explore.ipynb', tmp_path)
+    res = lab.check_lab('nbs/11_explore.ipynb', tmp_path)
     assert res['ok'], res['problems']
     from PIL import Image
     import numpy as np
