@@ -11,20 +11,21 @@ import numpy as np
 import torch, torch.nn as nn
 
 # %% auto #0
-__all__ = ['TEXT_FORMATS', 'FORMATS', 'BASELINE_STAGES', 'BASELINES', 'COMPARE_BUDGET', 'COMPARE_COLUMNS', 'short_text',
-           'ItemTextPrompt', 'ModalityProjector', 'PromptFormat', 'item_token_modality', 'baseline_config',
-           'baseline_model', 'trained_groups', 'train_baseline', 'compare_main', 'plot_compare', 'save_figure',
-           'compare_markdown']
+__all__ = ['TEXT_FORMATS', 'FORMATS', 'BASELINE_STAGES', 'BASELINES', 'COMPARE_BUDGET', 'CURVE_POINTS', 'COMPARE_COLUMNS',
+           'short_text', 'ItemTextPrompt', 'ModalityProjector', 'PromptFormat', 'item_token_modality',
+           'baseline_config', 'baseline_model', 'trained_groups', 'train_baseline', 'compare_main', 'plot_compare',
+           'save_figure', 'compare_markdown']
 
 # %% ../nbs/09_baselines.ipynb #f9f65b56
 from .data import SpeederError, log, load_dataset, item_text, named_candidates, Split, atomic_write
 from .features import ItemFeatures, item_features
 from .mrc import MODALITIES
-from .llm import (ITEM_TOKEN, PROMPT, SpeederConfig, SpeederRecommender, SCORE, GENERATE, check_prompt_inputs,
-                         target_index, collate_prompts, load_backbone, fit, evaluate, training_split, total_steps,
-                         set_trainable)
+from .llm import (ITEM_TOKEN, PROMPT, SpeederConfig, SpeederRecommender, SCORE, GENERATE, PromptRow, ValidCurve,
+                         check_prompt_inputs, target_index, collate_prompts, load_backbone, fit, evaluate,
+                         training_split, total_steps, set_trainable, time_per_step, steps_for_minutes)
 from .mpo import mpo_stages, train_stages
-from .runs import DEMO_BUDGET, runs_root, check_writable, build_model, sequence_table, sasrec_metrics
+from .runs import (DEMO_BUDGET, with_budget, runs_root, check_writable, build_model, sequence_table,
+                          sasrec_metrics, reference_metrics, plot_curves)
 
 # %% ../nbs/09_baselines.ipynb #e3ff9c95
 def short_text(item:dict, # an `item_record`
@@ -39,43 +40,59 @@ class ItemTextPrompt:
     "Prompt with every item written out as text (optionally followed by one item token); the answer is the title."
     can_score = False   # free-text answers: generate mode only
 
-    def __init__(self, tokenizer, items:list, # the dataset's `item_record`s (row = item id)
+    def __init__(self, tokenizer, # the LLM's tokenizer (the item token is added to it when `item_token`)
+                 items:list, # the dataset's `item_record`s (row = item id)
                  describe=short_text, # item -> the text shown for it
                  item_token:bool=False, # follow each item's text with one item token (hybrid)
-                 n_candidates:int=20, max_answer_tokens:int=48):
-        if tokenizer.eos_token_id is None: raise SpeederError('the tokenizer has no end-of-sequence token to end an answer with')
-        if item_token and ITEM_TOKEN not in tokenizer.get_vocab(): tokenizer.add_tokens([ITEM_TOKEN], special_tokens=True)
+                 n_candidates:int=20, # candidates per prompt
+                 max_answer_tokens:int=48, # longest answer in tokens, end token included (also bounds generation)
+                ):
+        "Tokenize the template's pieces once; item lines and answers are tokenized on first use and kept."
+        if tokenizer.eos_token_id is None:
+            raise SpeederError('the tokenizer has no end-of-sequence token to end an answer with')
+        if item_token and ITEM_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([ITEM_TOKEN], special_tokens=True)
         self.tokenizer, self.items, self.n_candidates, self.item_token = tokenizer, items, n_candidates, item_token
         self.describe, self.eos_id = describe, tokenizer.eos_token_id
         self.item_id = tokenizer.convert_tokens_to_ids(ITEM_TOKEN) if item_token else None
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)
         self.start = tokenizer('').input_ids
         self.head, self.mid = enc(PROMPT['head']), enc(PROMPT['mid'])
-        self.tail = enc('\nAnswer with the title of the chosen candidate:\n')
+        self.tail = enc(PROMPT['tail'])   # the compact template's head, middle and tail, as Speeder's
         self._enc, self._line, self._answer = enc, {}, {}
         self.max_answer_tokens = max_answer_tokens
 
-    def title(self, item_id:int)->str: return self.items[int(item_id)]['title']
+    def title(self, item_id:int, # an item id
+             )->str:
+        "The item's title."
+        return self.items[int(item_id)]['title']
 
-    def line(self, item_id:int)->list:
+    def line(self, item_id:int, # an item id (1..n_items)
+            )->list:
         "Token ids of one item's line: newline, its text, and (hybrid) its item token."
         i = int(item_id)
         if i not in self._line:
-            if not 0 < i < len(self.items): raise SpeederError(f'item id {i} is not in the dataset (1..{len(self.items) - 1})')
+            if not 0 < i < len(self.items):
+                raise SpeederError(f'item id {i} is not in the dataset (1..{len(self.items) - 1})')
             self._line[i] = self._enc('\n' + self.describe(self.items[i])) + ([self.item_id] if self.item_token else [])
         return self._line[i]
 
-    def answer_ids(self, item_id:int)->list:
+    def answer_ids(self, item_id:int, # the item the answer names
+                  )->list:
         "The answer naming an item: its title, then the end token (cut to `max_answer_tokens`)."
         i = int(item_id)
-        if i not in self._answer: self._answer[i] = self._enc(self.title(i))[:self.max_answer_tokens - 1] + [self.eos_id]
+        if i not in self._answer:
+            self._answer[i] = self._enc(self.title(i))[:self.max_answer_tokens - 1] + [self.eos_id]
         return self._answer[i]
 
-    def pick(self, answer:str, candidates)->int|None:
+    def pick(self, answer:str, # generated text
+             candidates, # the row's candidate item ids
+            )->int|None:
         "The candidate whose title the answer names, when it names exactly one (LLaRA's validity rule), else None."
         titles = [self.title(i) for i in candidates]
         found = named_candidates(answer, {t: int(i) for t, i in zip(titles, candidates)})
-        if len(found) != 1 or titles.count(self.title(found[0])) != 1: return None   # a title shared by two candidates names neither
+        # a title shared by two candidates names neither
+        if len(found) != 1 or titles.count(self.title(found[0])) != 1: return None
         return found[0]
 
     def _row(self, history, candidates, target, row:int)->tuple:
@@ -89,18 +106,26 @@ class ItemTextPrompt:
         for i in candidates: put(i, cand)
         ids = ids + self.tail
         if not self.item_token: hist, cand = [], [-1] * len(candidates)
-        answer = [] if target is None else self.answer_ids(candidates[target_index(candidates, target, row)])
-        return ids + answer, [-1] * (len(history) - len(hist)) + hist, cand, len(answer)
+        k = None if target is None else target_index(candidates, target, row)
+        answer = [] if k is None else self.answer_ids(candidates[k])
+        return PromptRow(ids + answer, [-1] * (len(history) - len(hist)) + hist, cand, [], len(answer), k)
 
-    def batch(self, histories, candidates, targets=None)->dict:
+    def batch(self, histories, # (B, L) item ids, left-padded with 0, most recent last
+              candidates, # (B, C) candidate item ids
+              targets=None, # (B,) target item ids: append the answer (training); None: prompt only
+             )->dict:
         "Left-padded model inputs, as `SpeederPrompt.batch`."
         histories, candidates = check_prompt_inputs(histories, candidates, self.n_candidates)
-        rows = [self._row(histories[b], candidates[b], None if targets is None else targets[b], b) for b in range(len(histories))]
+        rows = [self._row(histories[b], candidates[b], None if targets is None else targets[b], b)
+                for b in range(len(histories))]
         return collate_prompts(rows, histories, candidates, self.eos_id)
 
-    def render(self, history, candidates)->str:
+    def render(self, history, # one history: item ids, 0 = padding
+               candidates, # its candidate item ids
+              )->str:
         "The prompt as text (placeholders shown as `ITEM_TOKEN`)."
-        return self.tokenizer.decode(self._row(np.asarray(history), torch.as_tensor(np.asarray(candidates)), None, 0)[0])
+        return self.tokenizer.decode(
+            self._row(np.asarray(history), torch.as_tensor(np.asarray(candidates)), None, 0).ids)
 
 # %% ../nbs/09_baselines.ipynb #547c09db
 class ModalityProjector(nn.Module):
@@ -111,6 +136,7 @@ class ModalityProjector(nn.Module):
                  modality:str='sequence', # which feature table it reads
                  d_mid:int|None=None, # width of the hidden layer (default `hidden`)
                 ):
+        "Linear -> GELU -> Linear from `d_in` to `hidden`."
         super().__init__()
         self.modality = modality
         self.net = nn.Sequential(nn.Linear(d_in, d_mid or hidden), nn.GELU(), nn.Linear(d_mid or hidden, hidden))
@@ -159,8 +185,9 @@ def _check_method(method:str):
 
 def baseline_config(cfg:SpeederConfig, # the shared settings
                    )->SpeederConfig:
-    "The config of a baseline: the same as `cfg` but without SPAE (PPL, PPT)."
-    return replace(cfg, use_ppl=False, use_ppt=False)
+    ("The config of a baseline: the same as `cfg` but without Speeder's own parts "
+     "(SPAE's PPL and PPT, the listwise and spread losses); the letter loss on the answer is shared by all.")
+    return replace(cfg, use_ppl=False, use_ppt=False, listwise_weight=0.0, spread_weight=0.0)
 
 def baseline_model(method:str, # one of `BASELINES`
                    ds, # the dataset (its item table writes the text)
@@ -177,7 +204,8 @@ def baseline_model(method:str, # one of `BASELINES`
     llm, tok = backbone or load_backbone(cfg.llm, root, cfg.torch_dtype(device))
     modality = item_token_modality(method, bool(features.vision_present.any()))
     make = lambda f: ItemTextPrompt(tok, ds.items, TEXT_FORMATS[FORMATS[f].text],
-                                    item_token=FORMATS[f].token is not None and modality is not None, n_candidates=cfg.n_candidates)
+                                    item_token=FORMATS[f].token is not None and modality is not None,
+                                    n_candidates=cfg.n_candidates)
     formats = {f: make(f) for f, _ in BASELINE_STAGES[method]}
     torch.manual_seed(cfg.seed)
     proj = ModalityProjector(features.dims[modality or 'sequence'], llm.config.hidden_size, modality or 'sequence')
@@ -198,35 +226,60 @@ def train_baseline(model:SpeederRecommender, # a `baseline_model`
                    total_steps:int, # optimizer steps of all its stages
                    json_progress:bool=False, # JSON progress lines on stderr
                    stages:list|None=None, # (format, share) pairs; default: the method's `BASELINE_STAGES`
+                   curve:ValidCurve|None=None, # a valid curve to extend while training (its own answer mode)
                   )->list[dict]:
     "Train the method's stages in order (`total_steps` optimizer steps in all); returns the per-step history."
     history = []
     stages = stages or BASELINE_STAGES[model.method]
-    for i, (fmt, share) in enumerate(stages):
+    steps = [max(1, round(share * total_steps)) for _, share in stages]
+    for i, (fmt, _) in enumerate(stages):
         model.prompt = model.formats[fmt]
-        steps = max(1, round(share * total_steps))
         params = set_trainable(model, trained_groups(model))
-        log(f'{model.method} stage {i + 1}/{len(stages)} "{fmt}": {steps} steps, {sum(p.numel() for p in params):,} parameters')
-        cfg = replace(model.cfg, max_steps=steps, seed=model.cfg.seed + i)
-        history += [dict(r, stage=fmt) for r in fit(model, examples, cfg, params, json_progress=json_progress)]
+        log(f'{model.method} stage {i + 1}/{len(stages)} "{fmt}": {steps[i]} steps, '
+            f'{sum(p.numel() for p in params):,} parameters')
+        cfg = replace(model.cfg, max_steps=steps[i], seed=model.cfg.seed + i)
+        before = sum(r['step_s'] for r in history)
+        if curve and not history and curve.due(0.0): curve.add(0, 0.0, stage=fmt)
+        def on_step(step, get_state, rec):
+            done, seconds = len(history) + step, before + rec['seconds']
+            if curve and (curve.due(seconds) or done == sum(steps)):
+                curve.add(done, seconds, stage=fmt, lm_loss=rec['lm_loss'])
+        history += [dict(r, stage=fmt)
+                    for r in fit(model, examples, cfg, params, json_progress=json_progress, on_step=on_step)]
     return history
 
 # %% ../nbs/09_baselines.ipynb #f3b3f314
-def _method_row(method:str, model, ds, examples, hist, train_s:float, eval_examples):
+def _method_row(method:str, model, ds, examples, hist, train_s:float, eval_examples, s_step, points):
     gen = evaluate(model, ds.test, GENERATE, eval_examples)
     row = dict(method=method, hr1=gen['hr1'], valid_ratio=gen['valid_ratio'], vhr1=gen['vhr1'], n_test=gen['n'],
-               steps=len(hist), train_examples=len(examples), train_s=train_s, generate_s=gen['seconds'],
-               final_loss=float(np.mean([r['lm_loss'] for r in hist[-10:]])))
+               steps=len(hist), train_examples=len(examples), train_s=train_s, trained_s=hist[-1]['seconds'],
+               s_per_step=s_step or hist[-1]['seconds'] / len(hist), generate_s=gen['seconds'],
+               final_loss=float(np.mean([r['lm_loss'] for r in hist[-10:]])), curve=points)
     if model.prompt.can_score:
         sc = evaluate(model, ds.test, SCORE, eval_examples)
         row.update(score_hr1=sc['hr1'], score_s=sc['seconds'])
     return row
 
-def _train_speeder(ds, cfg, examples, root, json_progress):
+def _budget_steps(model, examples, cfg)->tuple:
+    "(steps, seconds per step): from `cfg.minutes` by timing this model's steps, else from max_steps/epochs."
+    if not cfg.minutes: return total_steps(cfg, len(examples)), None
+    s = time_per_step(model, examples, cfg)
+    return steps_for_minutes(cfg.minutes, s), s
+
+def _train_speeder(ds, cfg, examples, root, json_progress, curve_every):
     model = build_model(ds, cfg, root)
     stages, _ = mpo_stages(cfg.modalities, ds.info.get('n_items_with_image', 0) > 0, cfg.mpo_order, cfg.mpo)
-    st = train_stages(model, examples, stages, total_steps(cfg, len(examples)), json_progress=json_progress)
-    return model, st['history']
+    steps, s_step = _budget_steps(model, examples, cfg)
+    st = train_stages(model, examples, stages, steps, ds.valid if curve_every else None, json_progress=json_progress,
+                      curve_every=curve_every, curve_examples=cfg.curve_examples)
+    return model, st['history'], s_step, st['curve']
+
+def _train_text_baseline(m, ds, feats, cfg, examples, root, json_progress, curve_every):
+    model = baseline_model(m, ds, feats, cfg, root)
+    steps, s_step = _budget_steps(model, examples, model.cfg)
+    curve = ValidCurve(model, ds.valid, cfg.curve_examples, curve_every) if curve_every else None
+    hist = train_baseline(model, examples, steps, json_progress, curve=curve)
+    return model, hist, s_step, curve.points if curve else []
 
 def _finished_rows(path:Path, settings:dict)->dict:
     "Rows of an earlier, interrupted comparison in the same folder with the same settings (method -> row)."
@@ -238,29 +291,36 @@ def _finished_rows(path:Path, settings:dict)->dict:
         raise SpeederError(f'{path} holds a comparison with other settings ({old.get("settings")}); use another --out')
     return {r['method']: r for r in old['rows']}
 
-COMPARE_BUDGET = dict(DEMO_BUDGET, eval_examples=300)   # the demo's training budget, answered on 300 test users
+COMPARE_BUDGET = dict(DEMO_BUDGET, eval_examples=300, curve_examples=100)   # the demo's budget, 300 test users
+CURVE_POINTS = 4   # with --minutes: points of each method's valid curve after the start (text baselines answer slowly)
 
 def compare_main(dataset:str='ml-100k', # dataset name
                  llm:str='smollm2', # backbone (as in `speeder train`)
                  methods:tuple=('speeder',) + BASELINES, # which LLM methods to train (SASRec is always reported)
-                 out:str|Path|None=None, # folder for compare.json and the plot (default runs/compare-<dataset>-<llm>-<time>)
+                 # folder for compare.json and the plot (default runs/compare-<dataset>-<llm>-<time>)
+                 out:str|Path|None=None,
                  sasrec:bool=True, # also report SASRec (trained first if needed: ~1.5 min on ML-100k)
                  root:str|Path|None=None, # data folder
                  json_progress:bool=False, # JSON progress lines on stderr
                  runs_dir:str|Path|None=None, # where the default `out` folder goes (default: runs/ next to the data)
-                 **overrides, # any `SpeederConfig` field, over `COMPARE_BUDGET`
+                 # any `SpeederConfig` field, over `COMPARE_BUDGET`; `minutes` gives every method that much time
+                 **overrides,
                 )->dict:
-    "Train each method with the same budget and evaluate all on the same test candidates (rerun with the same `out` to finish)."
+    ("Train each method with the same budget and evaluate all on the same test candidates "
+     "(rerun with the same `out` to finish).")
     unknown = [m for m in methods if m != 'speeder' and m not in BASELINE_STAGES]
     if unknown: raise SpeederError(f'unknown method(s) {", ".join(unknown)}; known: speeder, {", ".join(BASELINES)}')
-    cfg = SpeederConfig.from_dict(dict(COMPARE_BUDGET, **overrides, dataset=dataset, llm=str(llm)))
-    run = Path(out) if out else runs_root(runs_dir, root)/f'compare-{dataset}-{Path(str(llm)).name}-{time.strftime("%Y%m%d-%H%M%S")}'
-    check_writable(run)
+    cfg = SpeederConfig.from_dict(dict(with_budget(overrides, COMPARE_BUDGET), dataset=dataset, llm=str(llm)))
+    run = (Path(out) if out else
+           runs_root(runs_dir, root)/f'compare-{dataset}-{Path(str(llm)).name}-{time.strftime("%Y%m%d-%H%M%S")}')
+    check_writable(run); run.mkdir(parents=True, exist_ok=True)
     settings = dict(dataset=dataset, llm=str(llm), config=cfg.to_dict())
     done = _finished_rows(run/'compare.json', settings)
     ds = load_dataset(dataset, root)
     examples = training_split(ds, cfg.train_examples, cfg.n_candidates, cfg.seed)
-    budget = dict(steps=total_steps(cfg, len(examples)), batch_size=cfg.batch_size, train_examples=len(examples),
+    curve_every = cfg.minutes * 60 / CURVE_POINTS if cfg.minutes else None
+    budget = dict(minutes=cfg.minutes, steps=None if cfg.minutes else total_steps(cfg, len(examples)),
+                  batch_size=cfg.batch_size, train_examples=len(examples),
                   eval_examples=min(cfg.eval_examples or len(ds.test), len(ds.test)))
     res = dict(dataset=dataset, llm=str(llm), backbone_is_stand_in=str(llm) == 'tiny', budget=budget, settings=settings,
                rows=[], out=str(run))
@@ -268,22 +328,35 @@ def compare_main(dataset:str='ml-100k', # dataset name
     for m in methods:
         if m in done:
             log(f'compare: {m} is already done in {run/"compare.json"}; kept'); res['rows'].append(done[m]); continue
-        log(f'compare: training {m} ({budget["steps"]} steps of {cfg.batch_size})')
+        what = f'{cfg.minutes} minutes' if cfg.minutes else f'{budget["steps"]} steps'
+        log(f'compare: training {m} ({what} of batch {cfg.batch_size})')
         torch.manual_seed(cfg.seed); t0 = time.time()
-        if m == 'speeder': model, hist = _train_speeder(ds, cfg, examples, root, json_progress)
+        if m == 'speeder':
+            model, hist, s_step, points = _train_speeder(ds, cfg, examples, root, json_progress, curve_every)
         else:
-            feats = feats or item_features(ds, sequence=sequence_table(ds, cfg.sequence_features, root), root=root)
-            model = baseline_model(m, ds, feats, cfg, root)
-            hist = train_baseline(model, examples, budget['steps'], json_progress)
-        res['rows'].append(_method_row(m, model, ds, examples, hist, time.time() - t0, cfg.eval_examples))
-        log(f'compare: {m}: ' + json.dumps({k: res['rows'][-1][k] for k in ('hr1', 'valid_ratio', 'vhr1')}))
-        atomic_write(run/'compare.json', lambda p: p.write_text(json.dumps(res, indent=1)))   # kept, whatever happens next
+            feats = feats or item_features(ds, sequence=sequence_table(ds, cfg.sequence_features, root), root=root,
+                                           standardize=cfg.standardize_features)
+            model, hist, s_step, points = _train_text_baseline(m, ds, feats, cfg, examples, root, json_progress,
+                                                               curve_every)
+        res['rows'].append(_method_row(m, model, ds, examples, hist, time.time() - t0, cfg.eval_examples, s_step,
+                                       points))
+        log(f'compare: {m}: ' + json.dumps({k: res['rows'][-1][k] for k in ('hr1', 'valid_ratio', 'vhr1', 'steps')}))
+        # kept, whatever happens next
+        atomic_write(run/'compare.json', lambda p: p.write_text(json.dumps(res, indent=1)))
         del model
     sas = sasrec_metrics(ds, root, train=True) if sasrec else None
     if sas:   # SASRec ranks all 20 candidates: always valid, VHR@1 = HR@1; its test set is all test users
-        res['rows'].append(dict(method='sasrec', hr1=sas['hr1'], valid_ratio=1.0, vhr1=sas['hr1'], n_test=sas['n_test']))
+        res['rows'].append(dict(method='sasrec', hr1=sas['hr1'], valid_ratio=1.0, vhr1=sas['hr1'],
+                                n_test=sas['n_test']))
+    curves = {r['method']: r['curve'] for r in res['rows'] if r.get('curve')}
+    if curves:
+        n = next(iter(curves.values()))[0]['n']
+        res['valid_references'] = {k: v for k, v in reference_metrics(ds, ds.valid, n, root).items() if k != 'n'}
     atomic_write(run/'compare.json', lambda p: p.write_text(json.dumps(res, indent=1)))
     res['plot'] = str(save_figure(plot_compare(res['rows']), run/'compare.png'))
+    if curves:
+        fig = plot_curves(curves, res['valid_references'], f'valid accuracy per minute of training ({llm}, {dataset})')
+        res['curve_plot'] = str(save_figure(fig, run/'curves.png'))
     return res
 
 # %% ../nbs/09_baselines.ipynb #2b288132
@@ -308,15 +381,22 @@ def save_figure(fig, # a matplotlib figure
     return path
 
 # %% ../nbs/09_baselines.ipynb #1eaf3127
-COMPARE_COLUMNS = [('hr1', 'HR@1'), ('valid_ratio', 'ValidRatio'), ('vhr1', 'VHR@1'), ('score_hr1', 'HR@1 (score mode)'),
-                   ('final_loss', 'final train loss'), ('train_s', 'train s'), ('generate_s', 'answer s (generate)'), ('n_test', 'test users')]
+COMPARE_COLUMNS = [('hr1', 'HR@1'), ('valid_ratio', 'ValidRatio'), ('vhr1', 'VHR@1'),
+                   ('score_hr1', 'HR@1 (score mode)'),
+                   ('steps', 'steps'), ('s_per_step', 's/step'), ('trained_s', 'training s'),
+                   ('generate_s', 'answer s (generate)'), ('n_test', 'test users')]
 
 def compare_markdown(res:dict, # what `compare_main` returns (or its compare.json)
                     )->str:
     "The comparison as a markdown table (one row per method)."
-    fmt = lambda v: '–' if v is None else f'{v:.3f}' if isinstance(v, float) and v < 10 else f'{v:.0f}' if isinstance(v, float) else str(v)
+    fmt = lambda v: ('–' if v is None else f'{v:.3f}' if isinstance(v, float) and v < 10
+                     else f'{v:.0f}' if isinstance(v, float) else str(v))
     head = '| method | ' + ' | '.join(h for _, h in COMPARE_COLUMNS) + ' |'
-    rows = ['| ' + r['method'] + ' | ' + ' | '.join(fmt(r.get(k)) for k, _ in COMPARE_COLUMNS) + ' |' for r in res['rows']]
+    rows = ['| ' + r['method'] + ' | ' + ' | '.join(fmt(r.get(k)) for k, _ in COMPARE_COLUMNS) + ' |'
+            for r in res['rows']]
     b = res['budget']
+    same = (f"{b['minutes']} minutes of training each (steps follow from each method's own time per step)"
+            if b.get('minutes') else f"{b['steps']} optimizer steps")
     return '\n'.join([head, '|' + '---|' * (len(COMPARE_COLUMNS) + 1), *rows]) + \
-        f"\n\nSame budget for every LLM method: {b['steps']} optimizer steps of batch {b['batch_size']} over {b['train_examples']} training examples."
+        f"\n\nSame budget for every LLM method: {same}, batch {b['batch_size']}, " \
+        f"{b['train_examples']} training examples."

@@ -25,12 +25,17 @@ from .runs import runs_root, check_writable, sequence_table
 from .baselines import BASELINES, baseline_model, save_figure
 
 # %% ../nbs/10_bench.ipynb #c8230379
-def prompt_tokens(prompt, split:Split, n:int|None=None)->np.ndarray:
+def prompt_tokens(prompt, # a model's prompt builder (`model.prompt`)
+                  split:Split, # examples with candidates
+                  n:int|None=None, # only the first n examples (None: all)
+                 )->np.ndarray:
     "Tokens of each example's prompt (no answer), for the first `n` examples of a split."
     n = len(split) if n is None else min(n, len(split))
-    return np.array([int(prompt.batch(split.histories[i:i + 1], split.candidates[i:i + 1])['attention_mask'].sum()) for i in range(n)])
+    return np.array([int(prompt.batch(split.histories[i:i + 1], split.candidates[i:i + 1])['attention_mask'].sum())
+                     for i in range(n)])
 
-def summary(x)->dict:
+def summary(x # numbers
+           )->dict:
     "Mean and 95th percentile."
     x = np.asarray(x, dtype=float)
     return dict(mean=float(x.mean()), p95=float(np.percentile(x, 95)))
@@ -53,7 +58,8 @@ def _reset_rss_peak():
 @contextmanager
 def peak_memory(device:torch.device, # where the block runs
                ):
-    "Peak memory (MB) of a block and where it started: `with peak_memory(dev) as peak: ...; peak['mb'], peak['start_mb']`."
+    ("Peak memory (MB) of a block and where it started: "
+     "`with peak_memory(dev) as peak: ...; peak['mb'], peak['start_mb']`.")
     cuda = device.type == 'cuda'
     peak = dict(mb=None, start_mb=None, kind='cuda max_memory_allocated' if cuda else 'peak RSS')
     if cuda:
@@ -69,23 +75,35 @@ def peak_memory(device:torch.device, # where the block runs
 def _sync(device:torch.device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
-def training_throughput(model:SpeederRecommender, examples:Split, # a model and training examples with candidates
-                        steps:int=5, warmup:int=2, batch_size:int=8, params:list|None=None)->dict:
+def training_throughput(model:SpeederRecommender, # the model to train (Speeder or a baseline)
+                        examples:Split, # training examples with candidates
+                        steps:int=5, # measured optimizer steps
+                        warmup:int=2, # optimizer steps run first and not measured
+                        batch_size:int=8, # examples per step
+                        params:list|None=None, # parameters to train (default: every trainable one, as in `fit`)
+                       )->dict:
     "Examples/s and tokens/s of `steps` optimizer steps after `warmup` steps."
     cfg = replace(model.cfg, max_steps=warmup + steps, batch_size=batch_size, grad_accum=1, warmup_steps=1)
     hist = fit(model, examples, cfg, params)
     secs = hist[-1]['seconds'] - hist[warmup - 1]['seconds'] if warmup else hist[-1]['seconds']
     tokens = np.mean([int(model.prompt.batch(examples.histories[i:i + 1], examples.candidates[i:i + 1],
-                                             examples.targets[i:i + 1])['attention_mask'].sum()) for i in range(len(examples))])
+                                             examples.targets[i:i + 1])['attention_mask'].sum())
+                      for i in range(len(examples))])
     ex_s = steps * batch_size / secs
-    return dict(examples_per_s=ex_s, tokens_per_s=ex_s * tokens, s_per_step=secs / steps, train_tokens_mean=float(tokens))
+    return dict(examples_per_s=ex_s, tokens_per_s=ex_s * tokens, s_per_step=secs / steps,
+                train_tokens_mean=float(tokens))
 
 # %% ../nbs/10_bench.ipynb #3d565e3e
 def _timed(fn, device):
     _sync(device); t0 = time.perf_counter(); out = fn(); _sync(device)
     return out, (time.perf_counter() - t0) * 1000
 
-def step_breakdown(model:SpeederRecommender, examples:Split, batch_size:int=8, repeats:int=2, params:list|None=None)->dict:
+def step_breakdown(model:SpeederRecommender, # the model to time
+                   examples:Split, # training examples with candidates
+                   batch_size:int=8, # examples per step
+                   repeats:int=2, # steps timed (the mean is reported)
+                   params:list|None=None, # parameters the optimizer holds (default `model.trainable_parameters()`)
+                  )->dict:
     "Mean milliseconds of each part of a training step: prompt, item_tokens, llm_forward, backward, optimizer."
     params = [p for p in (params or model.trainable_parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)   # lr 0: the update is timed, the weights do not move
@@ -93,7 +111,9 @@ def step_breakdown(model:SpeederRecommender, examples:Split, batch_size:int=8, r
     model.train()
     for r in range(repeats):
         idx = np.arange(r * batch_size, (r + 1) * batch_size) % len(examples)
-        batch, t = _timed(lambda: model.prompt.batch(examples.histories[idx], examples.candidates[idx], examples.targets[idx]), dev); parts['prompt'].append(t)
+        batch, t = _timed(lambda: model.prompt.batch(examples.histories[idx], examples.candidates[idx],
+                                                     examples.targets[idx]), dev)
+        parts['prompt'].append(t)
         with torch.no_grad(), autocast(dev): _, t = _timed(lambda: model.embed(batch), dev)
         parts['item_tokens'].append(t)
         with autocast(dev): out, t = _timed(lambda: model(batch), dev)
@@ -104,14 +124,23 @@ def step_breakdown(model:SpeederRecommender, examples:Split, batch_size:int=8, r
     return {k: float(np.mean(v)) for k, v in parts.items()}
 
 # %% ../nbs/10_bench.ipynb #e30acad1
-def answer_tokens(model:SpeederRecommender, split:Split, n:int=64)->int:
+def answer_tokens(model:SpeederRecommender, # the model (its prompt builder counts)
+                  split:Split, # examples with candidates and targets
+                  n:int=64, # examples looked at
+                 )->int:
     "Median answer length (tokens, with the end token) of the first `n` examples: the decode length timed."
     batch = model.prompt.batch(split.histories[:n], split.candidates[:n], split.targets[:n])
     return int(np.median(batch['answer_mask'].sum(1).numpy()))
 
 @torch.no_grad()
-def answer_once(model:SpeederRecommender, histories, candidates, mode:str, new_tokens:int=2):
-    "One call of the serving path: prompt batch → LLM → answer (score: letter log-probs; generate: `new_tokens` greedy tokens)."
+def answer_once(model:SpeederRecommender, # the model to query
+                histories, # (B, L) item ids, one row per request
+                candidates, # (B, C) candidate item ids
+                mode:str, # `SCORE` or `GENERATE`
+                new_tokens:int=2, # tokens decoded in generate mode
+               ):
+    ("One call of the serving path: prompt batch → LLM → answer "
+     "(score: letter log-probs; generate: `new_tokens` greedy tokens).")
     batch = model.prompt.batch(histories, candidates)
     with autocast(model.device):
         out = (score_candidates(model, batch) if mode == SCORE
@@ -119,8 +148,14 @@ def answer_once(model:SpeederRecommender, histories, candidates, mode:str, new_t
     _sync(model.device)
     return out
 
-def latency(model:SpeederRecommender, split:Split, mode:str=GENERATE, # 'generate' or 'score'
-            batch_size:int=1, calls:int=16, warmup:int=2, new_tokens:int=2)->dict:
+def latency(model:SpeederRecommender, # the model to time
+            split:Split, # requests: examples with candidates
+            mode:str=GENERATE, # 'generate' or 'score'
+            batch_size:int=1, # requests per call
+            calls:int=16, # calls timed
+            warmup:int=2, # calls run first and not timed
+            new_tokens:int=2, # tokens decoded per answer in generate mode
+           )->dict:
     "p50/p95 latency (ms) of `calls` calls of `batch_size` requests each, after `warmup` calls."
     model.eval(); times = []
     for c in range(warmup + calls):
@@ -129,11 +164,16 @@ def latency(model:SpeederRecommender, split:Split, mode:str=GENERATE, # 'generat
         t0 = time.perf_counter(); answer_once(model, h, cand, mode, new_tokens); dt = time.perf_counter() - t0
         if c >= warmup: times.append(dt * 1000)
     s = summary(times)
-    return dict(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)), per_request_ms=s['mean'] / batch_size)
+    return dict(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)),
+                per_request_ms=s['mean'] / batch_size)
 
 # %% ../nbs/10_bench.ipynb #ecff13d4
 @torch.no_grad()
-def answer_breakdown(model:SpeederRecommender, split:Split, new_tokens:int=2, calls:int=8)->dict:
+def answer_breakdown(model:SpeederRecommender, # the model to time
+                     split:Split, # requests: examples with candidates
+                     new_tokens:int=2, # tokens decoded per answer
+                     calls:int=8, # batch-1 calls timed (the mean is reported)
+                    )->dict:
     "Mean milliseconds of the parts of a batch-1 generate call: prompt, item_tokens, prefill, decode."
     model.eval(); dev = model.device
     parts = dict(prompt=[], item_tokens=[], prefill=[], decode=[])
@@ -144,19 +184,30 @@ def answer_breakdown(model:SpeederRecommender, split:Split, new_tokens:int=2, ca
             E, t_items = _timed(lambda: model.embed(batch), dev)
             _, t_prefill = _timed(lambda: model.lm(E, batch, keep=1, use_cache=True), dev)
             _, t_all = _timed(lambda: generate_answers(model, batch, new_tokens, stop_at_eos=False), dev)
-        for k, v in zip(parts, (t_prompt, t_items, t_prefill, max(0.0, t_all - t_items - t_prefill))): parts[k].append(v)
+        for k, v in zip(parts, (t_prompt, t_items, t_prefill, max(0.0, t_all - t_items - t_prefill))):
+            parts[k].append(v)
     return {k: float(np.mean(v)) for k, v in parts.items()}
 
 # %% ../nbs/10_bench.ipynb #d14576b7
-def bench_method(name:str, model:SpeederRecommender, examples:Split, split:Split, # train examples; requests (valid split)
-                 train_steps:int=5, warmup:int=2, batch_size:int=8, calls:int=16, batch_sizes:tuple=(1, 16))->dict:
+def bench_method(name:str, # the method's name in the results
+                 model:SpeederRecommender, # the built model (Speeder or a baseline)
+                 examples:Split, # training examples with candidates
+                 split:Split, # requests (the valid split)
+                 train_steps:int=5, # measured optimizer steps
+                 warmup:int=2, # optimizer steps run first and not measured
+                 batch_size:int=8, # training examples per step
+                 calls:int=16, # batch-1 latency calls per answer mode (fewer at larger batches)
+                 batch_sizes:tuple=(1, 16), # request batch sizes of the latency runs
+                )->dict:
     "Tokens, training throughput, latency and peak memory of one method."
     tok = summary(prompt_tokens(model.prompt, split, 64))
-    with peak_memory(model.device) as peak_train:   # what trains is what the model leaves trainable (see `baseline_model`)
+    # what trains is what the model leaves trainable (see `baseline_model`)
+    with peak_memory(model.device) as peak_train:
         train = training_throughput(model, examples, train_steps, warmup, batch_size)
         train['step_ms'] = step_breakdown(model, examples, batch_size)
     new_tokens = answer_tokens(model, split)
-    row = dict(method=name, prompt_tokens_mean=tok['mean'], prompt_tokens_p95=tok['p95'], **train, answer_tokens=new_tokens)
+    row = dict(method=name, prompt_tokens_mean=tok['mean'], prompt_tokens_p95=tok['p95'], **train,
+               answer_tokens=new_tokens)
     modes = (GENERATE, SCORE) if model.prompt.can_score else (GENERATE,)
     with peak_memory(model.device) as peak_infer:
         for mode in modes:
@@ -177,7 +228,10 @@ RATIOS = {   # name: (text-only value, Speeder value, larger is better?)
     'token_ratio': ('prompt_tokens_mean', 'prompt_tokens_mean', False),
 }
 
-def bench_ratios(rows:list, against:str='text-only', method:str='speeder')->dict:
+def bench_ratios(rows:list, # one dict per method, from `bench_method`
+                 against:str='text-only', # the reference method
+                 method:str='speeder', # the method whose speed-ups are computed
+                )->dict:
     "Speeder's speed-ups over the `against` method (see `RATIOS`)."
     by = {r['method']: r for r in rows}
     out = {}
@@ -197,19 +251,26 @@ def _free(device:torch.device):
     gc.collect()
     if device.type == 'cuda': torch.cuda.empty_cache()
 
-def bench_main(dataset:str='ml-100k', llm:str='smollm2', # dataset and backbone ('tiny' for tests, a local folder on a GPU)
+def bench_main(dataset:str='ml-100k', # dataset name (see `load_dataset`)
+               llm:str='smollm2', # backbone ('tiny' for tests, a local folder on a GPU)
                methods:tuple=BENCH_METHODS, # methods to measure ('text-only' is the reference of the ratios)
-               train_steps:int=5, warmup:int=2, batch_size:int=8, # measured optimizer steps, warm-up steps, batch size
+               train_steps:int=5, # measured optimizer steps
+               warmup:int=2, # optimizer steps run first and not measured
+               batch_size:int=8, # training examples per step
                calls:int=16, # batch-1 calls timed per answer mode (a quarter as many at batch 16)
                out:str|Path|None=None, # folder for bench.json and bench.png (default runs/bench-<dataset>-<llm>-<time>)
-               root=None, device=None, **overrides)->dict:
+               root=None, # data folder (see `data_root`); runs go to `runs/` next to it
+               device=None, # torch device (default: cuda when available, else cpu)
+               **overrides, # `SpeederConfig` fields, e.g. lora_r=4
+              )->dict:
     "Measure every method on the same backbone, examples and requests; write bench.json and a bar plot."
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown: raise SpeederError(f'unknown method(s) {", ".join(unknown)}; known: {", ".join(BENCH_METHODS)}')
     if 'text-only' not in methods: log('text-only is not among the methods: the ratios will be None')
     cfg = SpeederConfig.from_dict(dict(overrides, llm=str(llm)))
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    run = Path(out) if out else runs_root(root=root)/f'bench-{dataset}-{Path(str(llm)).name}-{time.strftime("%Y%m%d-%H%M%S")}'
+    run = (Path(out) if out
+           else runs_root(root=root)/f'bench-{dataset}-{Path(str(llm)).name}-{time.strftime("%Y%m%d-%H%M%S")}')
     check_writable(run); run.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(dataset, root)
     feats = item_features(ds, sequence=sequence_table(ds, cfg.sequence_features, root), root=root)
@@ -219,7 +280,8 @@ def bench_main(dataset:str='ml-100k', llm:str='smollm2', # dataset and backbone 
         torch.manual_seed(cfg.seed)
         model = _build(m, ds, feats, cfg, root, device)
         rows.append(bench_method(m, model, examples, ds.valid, train_steps, warmup, batch_size, calls))
-        log(f'bench {m}: ' + json.dumps({k: round(v, 2) for k, v in rows[-1].items() if isinstance(v, float) and 'b1_p50' in k or k == 'examples_per_s'}))
+        log(f'bench {m}: ' + json.dumps({k: round(v, 2) for k, v in rows[-1].items()
+                                         if isinstance(v, float) and 'b1_p50' in k or k == 'examples_per_s'}))
         del model; _free(device)
     res = dict(dataset=dataset, llm=str(llm), backbone_is_stand_in=str(llm) == 'tiny', device=str(device),
                torch_threads=torch.get_num_threads(), batch_size=batch_size, train_steps=train_steps, warmup=warmup,
@@ -234,26 +296,32 @@ def _latency_bars(rows:list, b:int)->tuple:
     for r in rows:
         for mode in (GENERATE, SCORE):
             if f'{mode}_b{b}_per_request_ms' in r:
-                names.append(r['method'] + (' (score)' if mode == SCORE else '')); vals.append(r[f'{mode}_b{b}_per_request_ms'])
+                names.append(r['method'] + (' (score)' if mode == SCORE else ''))
+                vals.append(r[f'{mode}_b{b}_per_request_ms'])
     return names, vals
 
-def plot_bench(rows:list)->'plt.Figure':
+def plot_bench(rows:list # one dict per method, from `bench_method`
+              )->'plt.Figure':
     "Bar charts of tokens, training throughput and per-request latency (batch 1 and 16)."
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 4, figsize=(15, 3.4))
     names = [r['method'] for r in rows]
-    axs[0].bar(names, [r['prompt_tokens_mean'] for r in rows], color='tab:gray'); axs[0].set_title('prompt tokens (mean)')
-    axs[1].bar(names, [r['examples_per_s'] for r in rows], color='tab:green'); axs[1].set_title('training examples/s')
+    axs[0].bar(names, [r['prompt_tokens_mean'] for r in rows], color='tab:gray')
+    axs[0].set_title('prompt tokens (mean)')
+    axs[1].bar(names, [r['examples_per_s'] for r in rows], color='tab:green')
+    axs[1].set_title('training examples/s')
     for ax, b in zip(axs[2:], (1, 16)):
         n, v = _latency_bars(rows, b)
-        ax.bar(n, v, color=['tab:orange' if 'score' in x else 'tab:blue' for x in n]); ax.set_title(f'ms per request (batch {b})')
+        ax.bar(n, v, color=['tab:orange' if 'score' in x else 'tab:blue' for x in n])
+        ax.set_title(f'ms per request (batch {b})')
     for ax in axs: ax.tick_params(axis='x', rotation=30, labelsize=8)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/10_bench.ipynb #64ed56d7
-BENCH_COLUMNS = [('prompt_tokens_mean', 'prompt tokens'), ('prompt_tokens_p95', 'p95'), ('examples_per_s', 'train ex/s'),
-                 ('tokens_per_s', 'train tok/s'), ('generate_b1_p50_ms', 'generate b1 p50 ms'), ('generate_b1_p95_ms', 'p95'),
+BENCH_COLUMNS = [('prompt_tokens_mean', 'prompt tokens'), ('prompt_tokens_p95', 'p95'),
+                 ('examples_per_s', 'train ex/s'), ('tokens_per_s', 'train tok/s'),
+                 ('generate_b1_p50_ms', 'generate b1 p50 ms'), ('generate_b1_p95_ms', 'p95'),
                  ('score_b1_p50_ms', 'score b1 p50 ms'), ('generate_b16_per_request_ms', 'generate b16 ms/req'),
                  ('score_b16_per_request_ms', 'score b16 ms/req'), ('train_peak_mb', 'train peak MB')]
 
@@ -261,18 +329,24 @@ def _cell(v)->str:
     if v is None: return '–'
     return f'{v:.1f}' if isinstance(v, float) and v < 100 else f'{v:.0f}' if isinstance(v, float) else str(v)
 
-def bench_markdown(res:dict)->str:
+def bench_markdown(res:dict # what `bench_main` returns (or a bench.json)
+                  )->str:
     "The benchmark as a markdown table, then Speeder's ratios against each text baseline in the run."
     head = '| method | ' + ' | '.join(h for _, h in BENCH_COLUMNS) + ' |'
-    rows = ['| ' + r['method'] + ' | ' + ' | '.join(_cell(r.get(k)) for k, _ in BENCH_COLUMNS) + ' |' for r in res['rows']]
+    rows = ['| ' + r['method'] + ' | ' + ' | '.join(_cell(r.get(k)) for k, _ in BENCH_COLUMNS) + ' |'
+            for r in res['rows']]
     lines = []
     for ref in [r['method'] for r in res['rows'] if r['method'] != 'speeder']:
         ratios = ', '.join(f'**{k}** {v:.2f}' for k, v in bench_ratios(res['rows'], ref).items() if v is not None)
         if ratios: lines.append(f'Speeder against {ref}: {ratios}.')
-    return '\n'.join([head, '|' + '---|' * (len(BENCH_COLUMNS) + 1), *rows]) + '\n\n' + '\n\n'.join(lines) + '\n\n' + breakdown_markdown(res['rows']) + \
+    return '\n'.join([head, '|' + '---|' * (len(BENCH_COLUMNS) + 1), *rows]) + '\n\n' + '\n\n'.join(lines) + \
+        '\n\n' + breakdown_markdown(res['rows']) + \
         '\n\n' + breakdown_markdown(res['rows'], 'answer_ms', 'one batch-1 generate call (ms)')
 
-def breakdown_markdown(rows:list, key:str='step_ms', title:str='one training step (ms)')->str:
+def breakdown_markdown(rows:list, # one dict per method, from `bench_method`
+                       key:str='step_ms', # `step_ms` or `answer_ms`
+                       title:str='one training step (ms)', # the table's first header cell
+                      )->str:
     "Where the time goes (ms), per method: `step_ms` (`step_breakdown`) or `answer_ms` (`answer_breakdown`)."
     parts = list(rows[0].get(key, {}))
     if not parts: return ''

@@ -9,10 +9,11 @@ from pathlib import Path
 from .data import SpeederError, assets_status, fetch_asset, prepare_dataset, log, project_root, atomic_write
 
 # %% auto #0
-__all__ = ['BUDGET_FLAGS', 'MODEL_FLAGS', 'RESULT_COLUMNS', 'cmd_data', 'cmd_assets', 'cmd_sasrec', 'parse_sets',
-           'config_overrides', 'cmd_train', 'cmd_demo', 'cmd_evaluate', 'cmd_recommend', 'cmd_ablate', 'cmd_compare',
-           'cmd_bench', 'load_results', 'recorded_markdown', 'results_markdown', 'render_readme', 'cmd_readme',
-           'UsageError', 'Parser', 'build_parser', 'emit', 'record_result', 'report_error', 'main', 'run_cli']
+__all__ = ['BUDGET_FLAGS', 'MODEL_FLAGS', 'RESULT_COLUMNS', 'RECORDED_FIGURES', 'cmd_data', 'cmd_assets', 'cmd_sasrec',
+           'parse_sets', 'config_overrides', 'cmd_train', 'cmd_demo', 'cmd_evaluate', 'cmd_recommend', 'cmd_ablate',
+           'cmd_compare', 'cmd_bench', 'load_results', 'recorded_markdown', 'recorded_figures', 'results_markdown',
+           'render_readme', 'readme_links', 'cmd_readme', 'UsageError', 'Parser', 'build_parser', 'emit',
+           'record_result', 'result_figures', 'record_figures', 'report_error', 'main', 'run_cli']
 
 # %% ../nbs/12_cli.ipynb #a04eb7de
 def cmd_data(args, # the parsed command line
@@ -40,7 +41,8 @@ def cmd_sasrec(args, # the parsed command line
     return sasrec_main(args.dataset, args.data_dir, **overrides)
 
 # %% ../nbs/12_cli.ipynb #b795deee
-BUDGET_FLAGS = ('max_steps', 'batch_size', 'train_examples', 'eval_examples', 'seed', 'lr', 'checkpoint_every')   # = fields
+BUDGET_FLAGS = ('max_steps', 'minutes', 'batch_size', 'train_examples', 'eval_examples', 'seed', 'lr',
+                'checkpoint_every')   # flags = config fields
 MODEL_FLAGS = ('modalities', 'mpo_order', 'drop_modality', 'images')                       # flags = config fields
 
 def parse_sets(pairs:list|None, # 'key=value' strings of --set
@@ -111,31 +113,41 @@ def _methods(arg:str|None, default:tuple|None)->tuple|None:
 
 def cmd_compare(args, # the parsed command line
                )->dict:
-    "speeder compare: train Speeder and each baseline with the same budget; HR@1, ValidRatio, VHR@1 on the same test candidates."
+    ("speeder compare: train Speeder and each baseline with the same budget; "
+     "HR@1, ValidRatio, VHR@1 on the same test candidates.")
     from speeder.baselines import compare_main, BASELINES
-    return compare_main(args.dataset or 'ml-100k', args.llm or 'smollm2', _methods(args.methods, ('speeder',) + BASELINES),
-                        args.out, not args.no_sasrec, args.data_dir, args.json, args.runs_dir, **config_overrides(args))
+    return compare_main(args.dataset or 'ml-100k', args.llm or 'smollm2',
+                        _methods(args.methods, ('speeder',) + BASELINES), args.out, not args.no_sasrec, args.data_dir,
+                        args.json, args.runs_dir, **config_overrides(args))
 
 def cmd_bench(args, # the parsed command line
              )->dict:
-    "speeder bench: tokens, training throughput, latency and memory of every method, and Speeder's ratios against text-only."
+    ("speeder bench: tokens, training throughput, latency and memory of every method, "
+     "and Speeder's ratios against text-only.")
     from speeder.bench import bench_main, BENCH_METHODS
     for k in ('train_steps', 'warmup', 'batch_size', 'calls'):
         if getattr(args, k) < (0 if k == 'warmup' else 1):
-            raise SpeederError(f'--{k.replace("_", "-")} must be at least {0 if k == "warmup" else 1}, got {getattr(args, k)}')
+            raise SpeederError(f'--{k.replace("_", "-")} must be at least {0 if k == "warmup" else 1}, '
+                               f'got {getattr(args, k)}')
     return bench_main(args.dataset, args.llm, _methods(args.methods, BENCH_METHODS), args.train_steps, args.warmup,
                       args.batch_size, args.calls, args.out, args.data_dir, **parse_sets(args.set))
 
 def _add_model_flags(p:argparse.ArgumentParser, ablations:bool=True):
     p.add_argument('--dataset', default=None, help='dataset name (default ml-100k)')
     p.add_argument('--llm', default=None,
-                   help='backbone: smollm2 (packaged, the default), tiny (random stand-in for tests) or a local HF causal LM folder')
+                   help='backbone: smollm2 (packaged, the default), tiny (random stand-in for tests) '
+                        'or a local HF causal LM folder')
     p.add_argument('--images', default=None, help='Amazon: folder of item images named by item id')
-    p.add_argument('--skip-bad-images', action='store_true', help='treat items whose image cannot be read as having none')
+    p.add_argument('--skip-bad-images', action='store_true',
+                   help='treat items whose image cannot be read as having none')
     p.add_argument('--runs-dir', default=None, help='where runs live (default: runs/ next to the data folder)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing run once the new one has finished')
-    for k, t in (('max-steps', int), ('batch-size', int), ('train-examples', int), ('eval-examples', int), ('seed', int)):
+    for k, t in (('max-steps', int), ('batch-size', int), ('train-examples', int), ('eval-examples', int),
+                 ('seed', int)):
         p.add_argument(f'--{k}', type=t, default=None)
+    p.add_argument('--minutes', type=float, default=None,
+                   help='train for this many minutes: the step count follows from timing the first steps '
+                        '(overrides --max-steps)')
     p.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='any SpeederConfig field')
     if not ablations: return
     p.add_argument('--name', default=None, help='run name: runs/<name>/ (one plain folder name)')
@@ -145,14 +157,16 @@ def _add_model_flags(p:argparse.ArgumentParser, ablations:bool=True):
     p.add_argument('--no-ppt', action='store_true', help='ablation: no position proxy task')
     p.add_argument('--no-mpo', action='store_true', help='ablation: one joint stage instead of the MPO curriculum')
     p.add_argument('--no-gate', action='store_true', help='ablation: vision enters without the tanh gate')
+    p.add_argument('--no-listwise', action='store_true', help='ablation: no listwise loss over the candidates')
     p.add_argument('--modalities', default=None, help='e.g. text,sequence (drop vision)')
     p.add_argument('--mpo-order', default=None, help='order modalities are introduced, e.g. sequence,text,vision')
     p.add_argument('--drop-modality', type=float, default=None, metavar='P',
                    help="mask each item's non-text modalities with probability P")
 
 # %% ../nbs/12_cli.ipynb #2fd08fa1
-RESULT_COLUMNS = [('hr1', 'HR@1'), ('hr5', 'HR@5'), ('ndcg5', 'NDCG@5'), ('valid_ratio', 'ValidRatio'), ('vhr1', 'VHR@1'),
-                  ('score_hr1', 'HR@1 (score mode)'), ('wall_s', 'wall time (s)')]
+RESULT_COLUMNS = [('hr1', 'HR@1'), ('hr5', 'HR@5'), ('ndcg5', 'NDCG@5'), ('valid_ratio', 'ValidRatio'),
+                  ('vhr1', 'VHR@1'), ('score_hr1', 'HR@1 (score mode)'), ('wall_s', 'wall time (s)')]
+RECORDED_FIGURES = 'results/figures'   # under nbs/: the figures of recorded results, for the README and the notebooks
 
 def load_results(results_dir:Path|None=None, # default nbs/results/
                  subcommands:tuple|None=None, # only results of these subcommands (e.g. ('bench',)); None: all
@@ -163,18 +177,31 @@ def load_results(results_dir:Path|None=None, # default nbs/results/
     recs = [json.loads(f.read_text()) for f in sorted(d.glob('*.json'))] if d.exists() else []
     return [r for r in recs if subcommands is None or r['command'].split()[1] in subcommands]
 
-def recorded_markdown(subcommand:str, to_markdown)->str:
-    "The latest recorded result of `speeder <subcommand>` as markdown (`to_markdown(result)`), with the command that made it."
+def recorded_markdown(subcommand:str, # e.g. 'compare' or 'bench'
+                      to_markdown, # result dict -> markdown, e.g. `compare_markdown`
+                     )->str:
+    ("The latest recorded result of `speeder <subcommand>` as markdown (`to_markdown(result)`), "
+     "with the command that made it.")
     recs = load_results(subcommands=(subcommand,))
     if not recs: return f'_No recorded `speeder {subcommand}` yet: run it with `--record`._'
     r = recs[-1]
     return to_markdown(r['result']) + f"\n\nMeasured by `{r['command']}` on {r['date']}."
 
+def recorded_figures(subcommand:str, # e.g. 'compare' or 'demo'
+                     names:tuple, # which of its figures, in this order (e.g. ('curve', 'tokens'))
+                    )->str:
+    "Markdown images of the latest recorded result's figures (paths relative to `nbs/`), or a note that there are none."
+    recs = [r for r in load_results(subcommands=(subcommand,)) if r.get('figures')]
+    if not recs: return f'_No recorded figures of `speeder {subcommand}` yet: run it with `--record`._'
+    figs = recs[-1]['figures']
+    return '\n'.join(f'![{subcommand}: {k}]({figs[k]})' for k in names if k in figs)
+
 def _fmt(v)->str:
     if isinstance(v, float): return f'{v:.4f}' if v < 10 else f'{v:.0f}'
     return '' if v is None else str(v)
 
-def results_markdown(records:list[dict])->str:
+def results_markdown(records:list[dict], # recorded results, as `load_results` returns them
+                    )->str:
     "A markdown table of recorded results: one row per command."
     if not records: return '_No recorded results yet: run a command with `--record`._'
     cols = [(k, h) for k, h in RESULT_COLUMNS if any(k in r['result'] for r in records)]
@@ -203,7 +230,8 @@ def render_readme(nb_path:Path|None=None, # the notebook (default nbs/index.ipyn
     from execnb.nbio import read_nb
     from execnb.shell import CaptureShell
     root = project_root()
-    if root is None and (nb_path is None or out_path is None): raise SpeederError('no speeder checkout found (settings.ini)')
+    if root is None and (nb_path is None or out_path is None):
+        raise SpeederError('no speeder checkout found (settings.ini)')
     nb_path, out_path = Path(nb_path or root/'nbs'/'index.ipynb'), Path(out_path or root/'README.md')
     nb = read_nb(nb_path)
     cwd = Path.cwd(); os.chdir(nb_path.parent)
@@ -217,10 +245,16 @@ def render_readme(nb_path:Path|None=None, # the notebook (default nbs/index.ipyn
         if cell.cell_type == 'markdown': parts.append(cell.source.strip()); continue
         if body and 'echo: false' not in ds: parts.append('```python\n' + body + '\n```')
         parts += [m for m in map(_output_markdown, cell.get('outputs', [])) if m]
-    out_path.write_text('\n\n'.join(p for p in parts if p) + '\n')
+    out_path.write_text(readme_links('\n\n'.join(p for p in parts if p) + '\n'))
     return out_path
 
-def cmd_readme(args)->dict:
+def readme_links(md:str, # markdown written for nbs/ (index.ipynb)
+                )->str:
+    "Figures of recorded results re-pointed from `nbs/` to the repository root, where README.md lives."
+    return md.replace(f']({RECORDED_FIGURES}/', f'](nbs/{RECORDED_FIGURES}/')
+
+def cmd_readme(args, # the parsed command line
+              )->dict:
     "speeder readme: regenerate README.md from nbs/index.ipynb."
     return dict(readme=str(render_readme()))
 
@@ -232,6 +266,7 @@ class Parser(argparse.ArgumentParser):
     "argparse that raises `UsageError` instead of printing usage and exiting, so `--json` can answer in JSON."
     def error(self, message:str, # what argparse found wrong
              ):
+        "Raise `UsageError` with the message (and a pointer to --help) instead of exiting."
         raise UsageError(f'{message} (see {self.prog} --help)')
 
 def _common()->argparse.ArgumentParser:
@@ -244,7 +279,8 @@ def _common()->argparse.ArgumentParser:
 
 def build_parser()->argparse.ArgumentParser:
     "The `speeder` argument parser with all subcommands."
-    parser = Parser(prog='speeder', description='Speeder: one token per item, multimodal LLM sequential recommendation.')
+    parser = Parser(prog='speeder',
+                    description='Speeder: one token per item, multimodal LLM sequential recommendation.')
     sub = parser.add_subparsers(dest='command', required=True, parser_class=Parser)
     common = _common()
     p = sub.add_parser('data', parents=[common], help='obtain and split a dataset (ml-100k, amazon-<category>)')
@@ -253,7 +289,8 @@ def build_parser()->argparse.ArgumentParser:
     p.add_argument('--images', default=None, help='Amazon: folder of item images named by item id')
     p.add_argument('--kcore', type=int, default=None, help='k-core filter (default 5 for Amazon, none for MovieLens)')
     p.add_argument('--seed', type=int, default=0, help='seed of the candidate sampling')
-    p.add_argument('--skip-bad-images', action='store_true', help='treat items whose image cannot be read as having none')
+    p.add_argument('--skip-bad-images', action='store_true',
+                   help='treat items whose image cannot be read as having none')
     p.set_defaults(func=cmd_data)
     p = sub.add_parser('assets', parents=[common], help='list the packaged assets and the local cache')
     p.add_argument('--fetch', nargs='*', help='fetch these assets now')
@@ -282,18 +319,22 @@ def build_parser()->argparse.ArgumentParser:
     _add_model_flags(p, ablations=False)
     p.add_argument('--methods', default=None,
                    help='comma-separated subset of speeder,text-only,hybrid,text-multimodal (default: all)')
-    p.add_argument('--out', default=None, help='folder for compare.json and compare.png (default <runs-dir>/compare-...)')
+    p.add_argument('--out', default=None,
+                   help='folder for compare.json and compare.png (default <runs-dir>/compare-...)')
     p.add_argument('--no-sasrec', action='store_true', help='leave SASRec out (it is trained first when missing)')
     p.set_defaults(func=cmd_compare)
-    p = sub.add_parser('bench', parents=[common], help="each method's tokens, training throughput, latency and memory; ratios vs text-only")
+    p = sub.add_parser('bench', parents=[common],
+                       help="each method's tokens, training throughput, latency and memory; ratios vs text-only")
     p.add_argument('--dataset', default='ml-100k')
-    p.add_argument('--llm', default='smollm2', help='backbone: smollm2, tiny (stand-in for tests) or a local HF causal LM folder')
+    p.add_argument('--llm', default='smollm2',
+                   help='backbone: smollm2, tiny (stand-in for tests) or a local HF causal LM folder')
     p.add_argument('--methods', default=None,
                    help='comma-separated subset of speeder,text-only,hybrid,text-multimodal (default: all)')
     p.add_argument('--train-steps', type=int, default=5, help='optimizer steps measured per method (after the warm-up)')
     p.add_argument('--warmup', type=int, default=2, help='warm-up steps and calls, not measured')
     p.add_argument('--batch-size', type=int, default=8, help='training batch size (the same for every method)')
-    p.add_argument('--calls', type=int, default=16, help='timed batch-1 calls per answer mode (a quarter as many at batch 16)')
+    p.add_argument('--calls', type=int, default=16,
+                   help='timed batch-1 calls per answer mode (a quarter as many at batch 16)')
     p.add_argument('--out', default=None, help='folder for bench.json and bench.png (default runs/bench-...)')
     p.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='any SpeederConfig field')
     p.set_defaults(func=cmd_bench)
@@ -330,10 +371,31 @@ def record_result(result:dict, # what the subcommand returned
     name = '-'.join([command] + [str(result[k]) for k in ('dataset', 'llm') if result.get(k)])
     out = root/'nbs'/'results'/f'{name}.json'
     cmd = 'speeder ' + ' '.join(a for a in argv if a not in ('--record',))
-    rec = json.dumps(dict(command=cmd, date=time.strftime('%Y-%m-%d'), result=result), indent=1, default=_jsonable)
+    figures = record_figures(result, root/'nbs'/RECORDED_FIGURES, name)
+    rec = json.dumps(dict(command=cmd, date=time.strftime('%Y-%m-%d'), result=result, figures=figures),
+                     indent=1, default=_jsonable)
     atomic_write(out, lambda p: p.write_text(rec))
     log(f'recorded {out}')
     return out
+
+
+def result_figures(result:dict, # what a subcommand returned
+                  )->dict:
+    "name -> existing PNG file of a result: its `plot` and `curve_plot`, and a run's `plots` (relative to `run_dir`)."
+    found = {k: Path(result[k]) for k in ('plot', 'curve_plot') if isinstance(result.get(k), str)}
+    if isinstance(result.get('plots'), dict) and result.get('run_dir'):
+        found.update({k: Path(result['run_dir'])/v for k, v in result['plots'].items()})
+    return {k: f for k, f in found.items() if f.suffix == '.png' and f.is_file()}
+
+def record_figures(result:dict, # what a subcommand returned
+                   folder:Path, # where the copies go (`nbs/results/figures/`)
+                   name:str, # the record's name, the copies' prefix
+                  )->dict:
+    "Copy a result's figures next to its record; returns name -> path relative to `nbs/`."
+    figs = result_figures(result)
+    if figs: folder.mkdir(parents=True, exist_ok=True)
+    for k, f in figs.items(): atomic_write(folder/f'{name}-{k}.png', lambda p, f=f: p.write_bytes(f.read_bytes()))
+    return {k: f'{RECORDED_FIGURES}/{name}-{k}.png' for k in figs}
 
 def report_error(command:str, # the subcommand (or 'speeder' before one is known)
                  msg:str, # one line
@@ -350,7 +412,8 @@ def _command_of(argv:list)->str:
 
 def main(argv:list|None=None, # the command line (default sys.argv[1:])
         ):
-    "Entry point of the `speeder` console script; under torchrun every rank runs `speeder train` and rank 0 alone prints."
+    ("Entry point of the `speeder` console script; "
+     "under torchrun every rank runs `speeder train` and rank 0 alone prints.")
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = '--json' in argv
     rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1)))   # set by torchrun
@@ -358,8 +421,8 @@ def main(argv:list|None=None, # the command line (default sys.argv[1:])
     except UsageError as e:
         report_error(_command_of(argv) or '', str(e), as_json, 2, rank); sys.exit(2)
     if world > 1 and args.command != 'train':
-        report_error(args.command, f'only `speeder train` runs under torchrun; start `speeder {args.command}` as a plain '
-                     'process', args.json, 2, rank)
+        report_error(args.command, f'only `speeder train` runs under torchrun; '
+                     f'start `speeder {args.command}` as a plain process', args.json, 2, rank)
         sys.exit(2)
     start = time.time()
     try: result = args.func(args)
@@ -384,4 +447,5 @@ def main(argv:list|None=None, # the command line (default sys.argv[1:])
 # %% ../nbs/12_cli.ipynb #569aabb5
 def run_cli(*args:str)->subprocess.CompletedProcess:
     "Run `speeder ARGS` in a fresh Python process and capture stdout/stderr (for tests and notebooks)."
-    return subprocess.run([sys.executable, '-c', 'from speeder.cli import main; main()', *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-c', 'from speeder.cli import main; main()', *args],
+                          capture_output=True, text=True)

@@ -28,7 +28,9 @@ def log(*msg):
     "Print a progress/log line to stderr (stdout is reserved for results)."
     print(*msg, file=sys.stderr, flush=True)
 
-def progress(iterable=None, **kwargs):
+def progress(iterable=None, # what to iterate over; None for a bar updated by hand
+             **kwargs, # passed on to `tqdm` (total, desc, ...)
+            ):
     "A tqdm progress bar that always writes to stderr."
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, **kwargs)
 
@@ -82,7 +84,7 @@ def project_root(start:Path|None=None # folder to search upwards from (default: 
         if ini.exists() and 'lib_name = speeder' in ini.read_text(errors='ignore'): return d
     return None
 
-def data_root(data_dir:str|Path|None=None # explicit data folder; default `$SPEEDER_DATA`, else `<repo>/data`, else `./data`
+def data_root(data_dir:str|Path|None=None # data folder; default `$SPEEDER_DATA`, else `<repo>/data`, else `./data`
              )->Path:
     "The folder where datasets, assets and caches live."
     if data_dir: return Path(data_dir).expanduser().resolve()
@@ -144,7 +146,9 @@ def sha256_file(path:str|Path, # a file
     atomic_write(memo, lambda t: t.write_text(json.dumps(known, indent=0)))
     return digest
 
-def asset_dir(name:str, root:Path|None=None)->Path:
+def asset_dir(name:str, # an entry of `ASSETS`
+              root:Path|None=None, # data folder (see `data_root`)
+             )->Path:
     "Cache folder of asset `name`."
     return data_root(root)/'.assets'/name
 
@@ -204,7 +208,8 @@ def fetch_asset(name:str, # an entry of `ASSETS`
                                                    'sha256': list(asset.sha256)}, indent=1))
     return adir
 
-def assets_status(root:str|Path|None=None)->list[dict]:
+def assets_status(root:str|Path|None=None # data folder (see `data_root`)
+                 )->list[dict]:
     "One row per packaged asset: where it comes from, its licence, and whether it is cached here."
     return [dict(name=a.name, package=a.package, members=list(a.members), licence=a.licence, what=a.what,
                  cached=_is_cached(a, root), path=str(asset_dir(a.name, root))) for a in ASSETS.values()]
@@ -212,7 +217,14 @@ def assets_status(root:str|Path|None=None)->list[dict]:
 # %% ../nbs/00_data.ipynb #2a42dd85
 ITEM_FIELDS = ('title', 'year', 'genres', 'brand', 'category', 'description', 'image')
 
-def item_record(title='', year='', genres=(), brand='', category='', description='', image=None)->dict:
+def item_record(title='', # the item's name
+                year='', # release year as text ('' when unknown)
+                genres=(), # genre names
+                brand='', # brand or store
+                category='', # category, e.g. 'Toys > kite'
+                description='', # free text
+                image=None, # path of the item's image file, or None
+               )->dict:
     "An item's side information, with every field present."
     return dict(title=str(title or '').strip(), year=str(year or ''), genres=list(genres), brand=str(brand or ''),
                 category=str(category or ''), description=str(description or ''), image=image)
@@ -244,7 +256,8 @@ def _read_atomic(path:Path, needed:list[str])->list[dict]:
         for i, line in enumerate(f, start=2):
             if not line.strip(): continue
             vals = line.rstrip('\n').split('\t')
-            if len(vals) != len(header): raise SpeederError(f'{path}:{i}: expected {len(header)} columns, found {len(vals)}')
+            if len(vals) != len(header):
+                raise SpeederError(f'{path}:{i}: expected {len(header)} columns, found {len(vals)}')
             rows.append(dict(zip(header, vals)))
     return rows
 
@@ -257,13 +270,16 @@ def _read_grouplens(d:Path)->RawData:
     for i, line in enumerate(open(d/'u.data', encoding='latin-1'), start=1):
         if not line.strip(): continue
         vals = line.split('\t')
-        if len(vals) != 4: raise SpeederError(f'{d/"u.data"}:{i}: expected 4 tab-separated columns (user, item, rating, timestamp), found {len(vals)}')
+        if len(vals) != 4:
+            raise SpeederError(f'{d/"u.data"}:{i}: expected 4 tab-separated columns (user, item, rating, timestamp), '
+                               f'found {len(vals)}')
         inter.append((vals[0].strip(), vals[1].strip(), _timestamp(vals[3], f'{d/"u.data"}:{i}')))
     items = {}
     for i, line in enumerate(open(d/'u.item', encoding='latin-1'), start=1):
         if not line.strip(): continue
         vals = line.rstrip('\n').split('|')
-        if len(vals) < 5 + len(ML_GENRES): raise SpeederError(f'{d/"u.item"}:{i}: expected {5+len(ML_GENRES)} |-separated columns, found {len(vals)}')
+        if len(vals) < 5 + len(ML_GENRES):
+            raise SpeederError(f'{d/"u.item"}:{i}: expected {5+len(ML_GENRES)} |-separated columns, found {len(vals)}')
         title, year = _split_title_year(vals[1])
         genres = [g for g, flag in zip(ML_GENRES, vals[5:]) if flag.strip() == '1']
         items[vals[0]] = item_record(title, year or vals[2][-4:], genres)
@@ -339,7 +355,9 @@ def _meta_item(rec:dict)->tuple[str, dict]|None:
     return str(iid), item_record(title=_as_text(rec.get('title')), brand=_as_text(rec.get('brand') or rec.get('store')),
                                  category=_category(rec), description=_as_text(rec.get('description')))
 
-def find_image(images:Path, item_id:str)->Path|None:
+def find_image(images:Path, # folder of item images named by item id
+               item_id:str, # raw item id (the file name without suffix)
+              )->Path|None:
     "The image file of `item_id` in `images`, if there is one."
     for suf in IMAGE_SUFFIXES:
         p = images/f'{item_id}{suf}'
@@ -365,17 +383,20 @@ def check_item_images(items:list, # item records (row = item id), their `image` 
         try: open_image(it['image'])
         except SpeederError as e:
             if not skip_bad_images:
-                raise SpeederError(f"item {i}: {e}; fix or remove the file, or pass --skip-bad-images to treat the item "
-                                   'as having no image') from None
+                raise SpeederError(f"item {i}: {e}; fix or remove the file, or pass --skip-bad-images "
+                                   'to treat the item as having no image') from None
             bad.append([i, it['image'], str(e)]); it['image'] = None
-    if bad: log(f'{len(bad)} unreadable item image(s) masked out (--skip-bad-images): ' + ', '.join(p for _, p, _ in bad[:5]))
+    if bad:
+        log(f'{len(bad)} unreadable item image(s) masked out (--skip-bad-images): '
+            + ', '.join(p for _, p, _ in bad[:5]))
     return bad
 
 def _amazon_files(d:Path):
     files = [p for p in sorted(d.iterdir()) if p.is_file() and re.search(r'\.(json|jsonl)(\.gz)?$', p.name)]
     meta = [p for p in files if p.name.startswith('meta_')]
     reviews = [p for p in files if not p.name.startswith('meta_')]
-    if not reviews: raise SpeederError(f'{d}: no Amazon review file (reviews_*.json.gz, <Category>_5.json.gz or <Category>.jsonl)')
+    if not reviews:
+        raise SpeederError(f'{d}: no Amazon review file (reviews_*.json.gz, <Category>_5.json.gz or <Category>.jsonl)')
     if not meta: raise SpeederError(f'{d}: no Amazon metadata file (meta_*.json.gz or meta_*.jsonl)')
     return reviews[0], meta[0]
 
@@ -400,9 +421,12 @@ def read_amazon(d:Path, # folder with one review file and one `meta_*` file
 # %% ../nbs/00_data.ipynb #d02ccc66
 def write_amazon_fixture(folder:str|Path, # where to write the review and meta files
                          release:str='2023', # '2014', '2018' or '2023' layout
-                         n_users:int=40, n_items:int=60, per_user:int=8,
+                         n_users:int=40, # users to write
+                         n_items:int=60, # items to write
+                         per_user:int=8, # interactions per user, each with a different item
                          images:str|Path|None=None, # also write one PNG per item here
-                         seed:int=0)->Path:
+                         seed:int=0, # seed of the items each user gets
+                        )->Path:
     "Write a small Amazon-format dataset (and item images) for tests; returns `folder`."
     from PIL import Image
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -412,15 +436,23 @@ def write_amazon_fixture(folder:str|Path, # where to write the review and meta f
     for u in range(n_users):
         for k, i in enumerate(rng.choice(n_items, per_user, replace=False)):
             t = 1_500_000_000 + u * 1000 + k * 10
-            if release == '2023': reviews.append(dict(user_id=f'U{u}', parent_asin=asins[i], asin=asins[i], rating=5.0, timestamp=t * 1000))
+            if release == '2023':
+                reviews.append(dict(user_id=f'U{u}', parent_asin=asins[i], asin=asins[i], rating=5.0,
+                                    timestamp=t * 1000))
             else: reviews.append(dict(reviewerID=f'U{u}', asin=asins[i], overall=5.0, unixReviewTime=t))
     kinds = ['kite', 'robot', 'puzzle', 'ball', 'doll']
     metas = []
     for i, a in enumerate(asins):
         title, brand = f'{kinds[i % 5].title()} model {i}', f'Brand{i % 7}'
-        if release == '2014': metas.append(dict(asin=a, title=title, brand=brand, categories=[['Toys', kinds[i % 5]]], description=f'A {kinds[i % 5]}.'))
-        elif release == '2018': metas.append(dict(asin=a, title=title, brand=brand, category=['Toys', kinds[i % 5]], description=[f'A {kinds[i % 5]}.']))
-        else: metas.append(dict(parent_asin=a, title=title, store=brand, main_category='Toys', categories=['Toys', kinds[i % 5]], description=[f'A {kinds[i % 5]}.']))
+        if release == '2014':
+            metas.append(dict(asin=a, title=title, brand=brand, categories=[['Toys', kinds[i % 5]]],
+                              description=f'A {kinds[i % 5]}.'))
+        elif release == '2018':
+            metas.append(dict(asin=a, title=title, brand=brand, category=['Toys', kinds[i % 5]],
+                              description=[f'A {kinds[i % 5]}.']))
+        else:
+            metas.append(dict(parent_asin=a, title=title, store=brand, main_category='Toys',
+                              categories=['Toys', kinds[i % 5]], description=[f'A {kinds[i % 5]}.']))
     if release == '2023':
         (folder/'Toys.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in reviews))
         (folder/'meta_Toys.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in metas))
@@ -439,7 +471,9 @@ def write_amazon_fixture(folder:str|Path, # where to write the review and meta f
     return folder
 
 # %% ../nbs/00_data.ipynb #3563e849
-def kcore(interactions:list, k:int)->list:
+def kcore(interactions:list, # (user, item, timestamp) tuples
+          k:int, # minimum interactions per user and per item (0 or 1: keep all)
+         )->list:
     "Repeatedly drop users and items with fewer than `k` interactions."
     if k <= 1: return list(interactions)
     while True:
@@ -463,7 +497,9 @@ def _pad_left(seq:list, L:int)->list:
     seq = list(seq)[-L:]
     return [0]*(L - len(seq)) + seq
 
-def make_examples(sequences:list, max_history:int=10)->dict[str, Split]:
+def make_examples(sequences:list, # per user: item ids in time order
+                  max_history:int=10, # history slots per example
+                 )->dict[str, Split]:
     "Leave-one-out examples from per-user chronological sequences (see the rule above)."
     rows = {'train': [], 'valid': [], 'test': []}
     for u, seq in enumerate(sequences):
@@ -475,11 +511,17 @@ def make_examples(sequences:list, max_history:int=10)->dict[str, Split]:
             rows['test'].append((u, seq[:n-1], seq[n-1]))
     def to_split(r):
         if not r: return Split(np.zeros(0, np.int64), np.zeros((0, max_history), np.int64), np.zeros(0, np.int64))
-        return Split(np.array([x[0] for x in r], np.int64), np.array([_pad_left(x[1], max_history) for x in r], np.int64),
+        return Split(np.array([x[0] for x in r], np.int64),
+                     np.array([_pad_left(x[1], max_history) for x in r], np.int64),
                      np.array([x[2] for x in r], np.int64))
     return {k: to_split(v) for k, v in rows.items()}
 
-def sample_candidates(split:Split, sequences:list, n_items:int, n_candidates:int=20, seed:int=0)->np.ndarray:
+def sample_candidates(split:Split, # the examples (their users and targets)
+                      sequences:list, # per user: every item id they interacted with
+                      n_items:int, # item ids run from 1 to n_items
+                      n_candidates:int=20, # candidates per example, the target included
+                      seed:int=0, # seed of the draws
+                     )->np.ndarray:
     "For each example: the target plus `n_candidates-1` items the user never interacted with, in random order."
     rng, out = np.random.default_rng(seed), np.zeros((len(split), n_candidates), np.int64)
     for r, (u, target) in enumerate(zip(split.users, split.targets)):
@@ -496,27 +538,32 @@ def sample_candidates(split:Split, sequences:list, n_items:int, n_candidates:int
 @dataclass
 class Dataset:
     "One processed dataset: the item table, per-user training sequences and the three splits."
-    name:str
-    source:str
+    name:str              # the dataset's name, e.g. `ml-100k`
+    source:str            # where the raw files came from
     items:list            # items[i] = item record of item id i; items[0] is the padding item
     raw_item_ids:list     # raw_item_ids[i] = the original id of item i
     sequences:list        # per user: all item ids in time order (train + valid target + test target)
-    train:Split
-    valid:Split
-    test:Split
-    info:dict=field(default_factory=dict)
-    path:Path|None=None
+    train:Split           # training examples (no candidates)
+    valid:Split           # validation examples, with candidates
+    test:Split            # test examples, with candidates
+    info:dict=field(default_factory=dict) # counts and build parameters (saved as `info.json`)
+    path:Path|None=None   # its `processed/` folder, once saved or loaded
     @property
-    def n_items(self)->int: return len(self.items) - 1
+    def n_items(self)->int:
+        "Number of items (ids 1..n_items; 0 is padding)."
+        return len(self.items) - 1
     @property
-    def n_users(self)->int: return len(self.sequences)
+    def n_users(self)->int:
+        "Number of users (one sequence each)."
+        return len(self.sequences)
     def train_sequences(self)->list:
         "Per user, the part of the sequence before the valid and test targets."
         return [s[:-2] if len(s) >= 3 else list(s) for s in self.sequences]
 
 KNOWN_DATASETS = 'ml-100k, amazon-<category> (e.g. amazon-beauty)'
 
-def dataset_format(name:str)->str:
+def dataset_format(name:str # `ml-...` (MovieLens) or `amazon-<category>`
+                  )->str:
     "Which reader a dataset name uses."
     if name == 'ml-100k' or re.fullmatch(r'ml-[\w-]+', name): return 'movielens'
     if re.fullmatch(r'amazon-[\w-]+', name): return 'amazon'
@@ -525,7 +572,11 @@ def dataset_format(name:str)->str:
 def _has_files(d:Path)->bool:
     return d.is_dir() and any(p.is_file() and p.name not in ('.gitignore', 'README.md') for p in d.iterdir())
 
-def read_raw(name:str, root:Path|None=None, raw_dir:Path|None=None, images:Path|None=None)->RawData:
+def read_raw(name:str, # the dataset's name (see `dataset_format`)
+             root:Path|None=None, # data folder (see `data_root`)
+             raw_dir:Path|None=None, # folder with the raw files (default `data/<name>/`)
+             images:Path|None=None, # Amazon: folder of item images named by item id
+            )->RawData:
     "Find and read a dataset's raw files (user files first, then the packaged asset for ml-100k)."
     fmt = dataset_format(name)
     if raw_dir is not None:
@@ -534,10 +585,13 @@ def read_raw(name:str, root:Path|None=None, raw_dir:Path|None=None, images:Path|
         if not _has_files(raw_dir): raise SpeederError(f'data folder {raw_dir} is empty')
     else: raw_dir = data_root(root)/name
     if fmt == 'amazon':
-        if not _has_files(raw_dir): raise SpeederError(f'data folder {raw_dir} is missing or empty: put the Amazon review and meta_ files there (or pass --raw-dir)')
+        if not _has_files(raw_dir):
+            raise SpeederError(f'data folder {raw_dir} is missing or empty: '
+                               'put the Amazon review and meta_ files there (or pass --raw-dir)')
         return read_amazon(raw_dir, images)
     if images is not None: raise SpeederError(f'{name} has no item images; --images applies to Amazon datasets')
-    if _has_files(raw_dir): return read_movielens(raw_dir)   # the user's files, or a clear error: never a silent fallback
+    # the user's files, or a clear error: never a silent fallback
+    if _has_files(raw_dir): return read_movielens(raw_dir)
     if name != 'ml-100k': raise SpeederError(f'data folder {raw_dir} has no MovieLens files ({MOVIELENS_FILES})')
     raw = read_movielens(fetch_asset('ml-100k', root))
     raw.source = f'packaged asset {ASSETS["ml-100k"].package} (recbole/dataset_example/ml-100k)'
@@ -580,7 +634,8 @@ def build_dataset(name:str, # the dataset's name
                   skip_bad_images:bool=False, # mask unreadable item images out instead of failing
                  )->Dataset:
     "Filter, map ids, check images, split and draw candidates (no caching; see `prepare_dataset`)."
-    n_raw = dict(n_users_raw=len({u for u, _, _ in raw.interactions}), n_items_raw=len(raw.items) or len({i for _, i, _ in raw.interactions}),
+    n_raw = dict(n_users_raw=len({u for u, _, _ in raw.interactions}),
+                 n_items_raw=len(raw.items) or len({i for _, i, _ in raw.interactions}),
                  n_interactions_raw=len(raw.interactions))
     titled = {i for i, it in raw.items.items() if it['title']}
     inter = [r for r in raw.interactions if r[1] in titled]
@@ -612,7 +667,8 @@ def save_dataset(ds:Dataset, # a built dataset
         for k in ('train', 'valid', 'test'): _save_split(tmp/f'{k}.npz', getattr(ds, k))
         (tmp/'info.json').write_text(json.dumps(dict(ds.info, fingerprint=fingerprint), indent=1))
 
-def load_processed(out:Path)->Dataset:
+def load_processed(out:Path # a folder written by `save_dataset`
+                  )->Dataset:
     "Load a dataset written by `save_dataset`."
     info = json.loads((out/'info.json').read_text())
     it = json.loads((out/'items.json').read_text())
@@ -646,7 +702,10 @@ def prepare_dataset(name:str='ml-100k', # `ml-100k` or `amazon-<category>`
     ds.path, ds.info['fingerprint'] = out, fp
     return ds
 
-def load_dataset(name:str='ml-100k', root:str|Path|None=None, **kwargs)->Dataset:
+def load_dataset(name:str='ml-100k', # `ml-100k` or `amazon-<category>`
+                 root:str|Path|None=None, # data folder (see `data_root`)
+                 **kwargs, # more `prepare_dataset` arguments (raw_dir, images, kcore_k, ...)
+                )->Dataset:
     "The processed dataset `name`: loaded from the cache when it is up to date, otherwise built first."
     return prepare_dataset(name, root, **kwargs)
 
@@ -671,30 +730,39 @@ def target_ranks(scores:np.ndarray, # (n, C) a score per candidate
     return (scores > t).sum(1) + (scores == t).sum(1) - 1
 
 def hit_rate(ranks:np.ndarray, # 0-based target ranks
-             k:int)->float:
+             k:int, # cut-off: a hit when the rank is below k
+            )->float:
     "HR@k: share of examples whose target ranks in the top k."
     return float((np.asarray(ranks) < k).mean()) if len(ranks) else 0.0
 
 def ndcg(ranks:np.ndarray, # 0-based target ranks
-         k:int)->float:
+         k:int, # cut-off: ranks from k on score 0
+        )->float:
     "NDCG@k with one relevant item: 1/log2(rank+2) when rank < k, else 0."
     ranks = np.asarray(ranks)
     return float(np.where(ranks < k, 1.0 / np.log2(ranks + 2), 0.0).mean()) if len(ranks) else 0.0
 
-def target_positions(candidates:np.ndarray, targets:np.ndarray)->np.ndarray:
+def target_positions(candidates:np.ndarray, # (n, C) candidate item ids
+                     targets:np.ndarray, # (n,) target item ids, each present in its row
+                    )->np.ndarray:
     "Index of each target inside its candidate row."
     pos = (np.asarray(candidates) == np.asarray(targets)[:, None]).argmax(1)
-    assert (np.asarray(candidates)[np.arange(len(pos)), pos] == targets).all(), 'a target is missing from its candidates'
+    assert (np.asarray(candidates)[np.arange(len(pos)), pos]
+            == targets).all(), 'a target is missing from its candidates'
     return pos
 
-def scorer_metrics(scores:np.ndarray, candidates:np.ndarray, targets:np.ndarray)->dict:
+def scorer_metrics(scores:np.ndarray, # (n, C) a score per candidate
+                   candidates:np.ndarray, # (n, C) candidate item ids
+                   targets:np.ndarray, # (n,) target item ids
+                  )->dict:
     "HR@1, HR@5, NDCG@5 over candidate sets (ValidRatio is 1 for a scorer, so VHR@1 = HR@1)."
     ranks = target_ranks(scores, target_positions(candidates, targets))
     hr1 = hit_rate(ranks, 1)
     return dict(hr1=hr1, hr5=hit_rate(ranks, 5), ndcg5=ndcg(ranks, 5), valid_ratio=1.0, vhr1=hr1, n=len(ranks))
 
 def generation_metrics(picks:list, # per example: the item id the answer names, or None when it names zero or several
-                       targets:np.ndarray)->dict:
+                       targets:np.ndarray, # (n,) target item ids
+                      )->dict:
     "ValidRatio, HR@1 over valid answers, and VHR@1 = ValidRatio × HR@1."
     n = len(picks)
     valid = [p is not None for p in picks]
@@ -703,7 +771,9 @@ def generation_metrics(picks:list, # per example: the item id the answer names, 
     hr1 = right / sum(valid) if sum(valid) else 0.0
     return dict(valid_ratio=vr, hr1=hr1, vhr1=vr * hr1, n=n)
 
-def named_candidates(answer:str, labels:dict)->list:
+def named_candidates(answer:str, # the generated answer
+                     labels:dict, # candidate label as shown in the prompt -> item id
+                    )->list:
     "The candidates (label -> item id) an answer names: labels found as whole words, in order of appearance."
     found = []
     for label, iid in labels.items():
@@ -711,7 +781,9 @@ def named_candidates(answer:str, labels:dict)->list:
         if m: found.append((m.start(), iid))
     return [iid for _, iid in sorted(found)]
 
-def pick_from_answer(answer:str, labels:dict):
+def pick_from_answer(answer:str, # the generated answer
+                     labels:dict, # candidate label as shown in the prompt -> item id
+                    ):
     "The item id an answer names when it names exactly one candidate, else None (invalid)."
     found = named_candidates(answer, labels)
     return found[0] if len(found) == 1 else None

@@ -24,7 +24,8 @@ def dist_env()->tuple[int, int, int]:
 
 def init_distributed(timeout_min:int=30, # how long ranks wait for each other (rank 0 may first fill the feature caches)
                     )->torch.device|None:
-    "Under torchrun: join the process group once (nccl on CUDA, gloo on CPU) and return this rank's device; None in a plain process."
+    ("Under torchrun: join the process group once (nccl on CUDA, gloo on CPU) and return this rank's device; "
+     "None in a plain process.")
     _, world, local = dist_env()
     if world == 1: return None
     cuda = torch.cuda.is_available()
@@ -51,7 +52,8 @@ def is_main()->bool:
     "Is this rank 0, the process that writes the run folder and prints?"
     return rank() == 0
 
-def rank_seed(seed:int)->int:
+def rank_seed(seed:int # the run's seed
+             )->int:
     "This rank's seed for dropout and PPT pairs: `seed` itself on rank 0."
     return seed + RANK_SEED_STRIDE * rank()
 
@@ -62,9 +64,11 @@ def log_main(*msg):
 def rank_slice(order:np.ndarray, # the seeded order of example indices, the same on every rank
                i:int, # global micro-batch number (step × grad_accum + accumulation index)
                batch_size:int, # examples per rank
-               r:int=0, w:int=1, # this rank, number of ranks
+               r:int=0, # this rank
+               w:int=1, # number of ranks
               )->np.ndarray:
-    "Rank `r`'s examples of global micro-batch `i`: the `r`-th block of `batch_size` among its `batch_size × w` examples."
+    ("Rank `r`'s examples of global micro-batch `i`: "
+     "the `r`-th block of `batch_size` among its `batch_size × w` examples.")
     return order[(i * w + r) * batch_size:][:batch_size]
 
 # %% ../nbs/06_dist.ipynb #7d6a8b8d
@@ -88,7 +92,8 @@ def gather_objects(obj, # anything picklable
 
 def ddp(model:nn.Module, # the model on this rank's device
        )->nn.Module:
-    "Under torchrun: `model` in DistributedDataParallel (gradients averaged over ranks during backward); else `model` itself."
+    ("Under torchrun: `model` in DistributedDataParallel (gradients averaged over ranks during backward); "
+     "else `model` itself.")
     if world_size() == 1: return model
     from torch.nn.parallel import DistributedDataParallel
     dev = model.device
@@ -98,7 +103,8 @@ def ddp(model:nn.Module, # the model on this rank's device
 def grad_sync(net:nn.Module, # `ddp(model)`
               sync:bool, # exchange gradients in this backward (the last micro-batch of a step)?
              ):
-    "Context for one forward + backward: DDP's `no_sync()` unless `sync` (the micro-batches before the last); else nothing."
+    ("Context for one forward + backward: DDP's `no_sync()` unless `sync` (the micro-batches before the last); "
+     "else nothing.")
     return contextlib.nullcontext() if sync or not hasattr(net, 'no_sync') else net.no_sync()
 
 def launch_hint(n:int, # number of processes
@@ -118,8 +124,8 @@ def restore_rng_state(state:dict, # a checkpoint's `get_state()`
     "Set the random states `rng_state` saved, each rank its own; the world size must be the one that wrote them."
     saved = state.get('world_size', 1)
     if saved != world_size():
-        raise SpeederError(f'this checkpoint was written by {saved} process(es) and this run has {world_size()}: the global batch and '
-                           f'the data slices would change; continue it {launch_hint(saved)}')
+        raise SpeederError(f'this checkpoint was written by {saved} process(es) and this run has {world_size()}: '
+                           f'the global batch and the data slices would change; continue it {launch_hint(saved)}')
     mine = state['rank_rng'][rank()] if saved > 1 else state
     gen.set_state(mine['generator']); torch.set_rng_state(mine['torch_rng'])
 
@@ -135,7 +141,8 @@ def on_main(fn, # work that only rank 0 may do (create the run folder, write fil
     if is_main():
         try: box = [('ok', fn(*args, **kwargs))]
         except Exception as e:
-            dist.broadcast_object_list([('error', str(e) if isinstance(e, SpeederError) else f'{type(e).__name__}: {e}')], src=0)
+            dist.broadcast_object_list(
+                [('error', str(e) if isinstance(e, SpeederError) else f'{type(e).__name__}: {e}')], src=0)
             raise
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
@@ -144,7 +151,8 @@ def on_main(fn, # work that only rank 0 may do (create the run folder, write fil
 
 @contextlib.contextmanager
 def main_first():
-    "Rank 0 runs the block first (filling caches on disk, logging), then the other ranks (reading them, silently); a plain `with` in one process."
+    ("Rank 0 runs the block first (filling caches on disk, logging), then the other ranks (reading them, silently); "
+     "a plain `with` in one process.")
     if world_size() == 1: yield; return
     if not is_main(): dist.barrier()
     with contextlib.redirect_stderr(io.StringIO()) if not is_main() else contextlib.nullcontext(): yield

@@ -15,7 +15,7 @@ from .data import SpeederError, Split, Dataset, item_text, read_raw, log
 from .mrc import MODALITIES, plot_modality_attention
 from .spae import plot_ppl_similarity
 from .llm import SpeederRecommender, SpeederConfig, SCORE, GENERATE, recommend, reorder_histories
-from .runs import load_trained, run_attention, train_main, test_row
+from .runs import load_trained, run_attention, train_main, test_row, read_run_config, METRICS
 from .sasrec import SASRec, load_sasrec, sasrec_scores
 
 # %% auto #0
@@ -26,21 +26,27 @@ __all__ = ['EXPLORE_RUNS_ENV', 'TINY_EXPLORE', 'tiny_runs', 'explore_runs', 'Exp
 # %% ../nbs/11_explore.ipynb #ce9587d4
 EXPLORE_RUNS_ENV = 'SPEEDER_EXPLORE_RUNS'   # run folders to explore, separated by os.pathsep
 TINY_EXPLORE = dict(sequence_features='zeros', lora_r=4, d_model=32, n_heads=2, train_examples=48, batch_size=4,
-                    eval_examples=20, valid_examples=10, max_steps=4, checkpoint_every=None)
+                    eval_examples=20, valid_examples=10, max_steps=4, checkpoint_every=None, curve_examples=20)
 
 def tiny_runs(runs_dir:str|Path|None=None, # where to put them (default: a speeder-explore folder in the temp dir)
               dataset:str='ml-100k', # the dataset they train on
               root:str|Path|None=None, # data folder (see data_root)
               images:str|Path|None=None, # Amazon item images
              )->list[Path]:
-    "Two finished tiny-backbone runs on `dataset`, with and without PPL (reused when already there)."
+    ("Two finished tiny-backbone runs on `dataset`, with and without PPL "
+     "(reused when a finished one with the same config is there).")
     runs_dir = Path(runs_dir) if runs_dir else Path(tempfile.gettempdir())/'speeder-explore'
     out = []
     for name, extra in ((f'tiny-{dataset}-ppl', {}), (f'tiny-{dataset}-no-ppl', dict(use_ppl=False))):
         run = runs_dir/name
-        if not (run/'modules.pt').exists():
+        want = dict(TINY_EXPLORE, **extra, dataset=dataset, llm='tiny',
+                    images=str(Path(images).resolve()) if images else None)
+        try: fresh = (run/METRICS).exists() and read_run_config(run) == SpeederConfig.from_dict(want)
+        except SpeederError: fresh = False   # a run from an older speeder: made again
+        if not fresh:
             log(f'training the tiny stand-in run {run} (a few seconds)')
-            train_main(dataset, 'tiny', name, runs_dir=runs_dir, overwrite=True, root=root, images=images, **TINY_EXPLORE, **extra)
+            train_main(dataset, 'tiny', name, runs_dir=runs_dir, overwrite=True, root=root, images=images,
+                       **TINY_EXPLORE, **extra)
         out.append(run)
     return out
 
@@ -66,11 +72,17 @@ class ExploredRun:
         self._times = None
 
     @property
-    def name(self)->str: return self.path.name
+    def name(self)->str:
+        "The run folder's name."
+        return self.path.name
     @property
-    def stand_in(self)->bool: return self.model.is_stand_in
+    def stand_in(self)->bool:
+        "Is the backbone the tiny random stand-in?"
+        return self.model.is_stand_in
     @property
-    def labels(self)->list: return list(self.model.prompt.labels)
+    def labels(self)->list:
+        "The candidate letters of the run's prompt, in order."
+        return list(self.model.prompt.labels)
 
     def timestamps(self)->dict|None:
         "{(raw user id, raw item id): [unix times]}, read from the raw files once; None when they cannot be read."
@@ -85,7 +97,8 @@ class ExploredRun:
         return self._times or None
 
     def __repr__(self):
-        return (f'ExploredRun({self.name}: {self.ds.name}, backbone {self.cfg.llm}{" (tiny stand-in)" if self.stand_in else ""}, '
+        return (f'ExploredRun({self.name}: {self.ds.name}, backbone {self.cfg.llm}'
+                f'{" (tiny stand-in)" if self.stand_in else ""}, '
                 f'PPL {"on" if self.cfg.use_ppl else "off"}, SASRec {"yes" if self.sasrec else "no"})')
 
 def open_run(run:str|Path|ExploredRun, # a run folder, or a run opened before
@@ -136,7 +149,8 @@ def answer_user(run:ExploredRun, # an opened run (open_run)
     cands = [dict(_item(ds, i), letter=l, score=float(scores[k]), prob=float(probs[k]), is_target=int(i) == t)
              for k, (l, i) in enumerate(zip(run.labels, c[0]))]
     letter = {int(i): l for l, i in zip(run.labels, c[0])}
-    pick = lambda i: dict(item=i, letter=letter.get(i), correct=i == t) if i is not None else dict(item=None, letter=None, correct=False)
+    pick = lambda i: (dict(item=i, letter=letter.get(i), correct=i == t) if i is not None
+                      else dict(item=None, letter=None, correct=False))
     sasrec = None
     if run.sasrec is not None:
         s = sasrec_scores(run.sasrec, Split(ds.test.users[r:r + 1], h, ds.test.targets[r:r + 1], c))[0]
@@ -149,13 +163,15 @@ def answer_user(run:ExploredRun, # an opened run (open_run)
 def plot_candidate_scores(view:dict, # what answer_user returns
                           title:str|None=None, # default: user, run and target letter
                          )->plt.Figure:
-    "Score-mode probability of each candidate (softmax over the 20 letters); target, picks of both modes and SASRec marked."
+    ("Score-mode probability of each candidate (softmax over the 20 letters); "
+     "target, picks of both modes and SASRec marked.")
     cs = view['candidates']
     fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(cs) + 1.4), layout='constrained')
     y = np.arange(len(cs))[::-1]
     ax.barh(y, [c['prob'] for c in cs], color=['C2' if c['is_target'] else 'C7' for c in cs])
     short = lambda s: s if len(s) <= 38 else s[:36] + '…'
-    ax.set_yticks(y, [f"{c['letter']}: {short(c['title'])}" + (' (target)' if c['is_target'] else '') for c in cs], fontsize=8)
+    ax.set_yticks(y, [f"{c['letter']}: {short(c['title'])}" + (' (target)' if c['is_target'] else '') for c in cs],
+                  fontsize=8)
     for lab, c in zip(ax.get_yticklabels(), cs):
         if c['is_target']: lab.set_color('C2'); lab.set_fontweight('bold')
     top = max(max(c['prob'] for c in cs), 1 / len(cs))
@@ -177,7 +193,8 @@ def plot_item_attention(run:ExploredRun, # an opened run
                         item:int, # item id (1..n_items)
                        )->plt.Figure:
     "MoME attention (modality × modality) of one item with every modality of the run active."
-    if not 1 <= int(item) <= run.ds.n_items: raise SpeederError(f'item id {item} is not in 1..{run.ds.n_items} ({run.ds.name})')
+    if not 1 <= int(item) <= run.ds.n_items:
+        raise SpeederError(f'item id {item} is not in 1..{run.ds.n_items} ({run.ds.name})')
     t = _item(run.ds, item)['title']
     return plot_modality_attention(run_attention(run.model, np.array([int(item)])), MODALITIES,
                                    title=f'MoME attention, item {int(item)}\n{t if len(t) <= 34 else t[:33] + "…"}')
@@ -189,7 +206,8 @@ def probe_histories(history:np.ndarray, # (L,) one left-padded history
     "The history as it is, shuffled, reversed and cut to its last k items (k = n-1 .. 1), all left-padded."
     h = np.asarray(history)[None]
     n = int((h > 0).sum())
-    out = {'original': h[0], 'shuffled': reorder_histories(h, 'shuffle', seed)[0], 'reversed': reorder_histories(h, 'reverse')[0]}
+    out = {'original': h[0], 'shuffled': reorder_histories(h, 'shuffle', seed)[0],
+           'reversed': reorder_histories(h, 'reverse')[0]}
     for k in range(n - 1, 0, -1):
         cut = h[0].copy(); cut[:len(cut) - k] = 0; out[f'last {k}'] = cut
     return out
@@ -225,10 +243,12 @@ def plot_position_probe(probe:dict, # what position_probe returns
     k = labels.index(probe['target'])
     ax.add_patch(plt.Rectangle((k - .5, -.5), 1, len(rows), fill=False, ec='C2', lw=2, label='target'))
     for y, r in enumerate(rows):
-        ax.plot(labels.index(r['score_pick']), y, 'o', mfc='none', mec='C1', ms=10, label='score pick' if y == 0 else None)
+        ax.plot(labels.index(r['score_pick']), y, 'o', mfc='none', mec='C1', ms=10,
+                label='score pick' if y == 0 else None)
     fig.colorbar(im, ax=ax, shrink=0.8, label='score-mode probability', pad=0.02)
     ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
-    ax.set_title(title or f"user {probe['user']}: answer when the history is reordered or cut ({probe['run']})", fontsize=10)
+    ax.set_title(title or f"user {probe['user']}: answer when the history is reordered or cut ({probe['run']})",
+                 fontsize=10)
     return fig
 
 # %% ../nbs/11_explore.ipynb #f4638f2b
@@ -257,43 +277,55 @@ _e = html.escape
 def _table(head:list, rows:list, nowrap:tuple=())->str:
     "An HTML table; columns in `nowrap` (indices) never wrap."
     th = ''.join(f'<th style="text-align:left;padding:2px 8px;white-space:nowrap">{h}</th>' for h in head)
-    td = lambda k, c: f'<td style="padding:2px 8px;vertical-align:middle{";white-space:nowrap" if k in nowrap else ""}">{c}</td>'
+    td = lambda k, c: (f'<td style="padding:2px 8px;vertical-align:middle'
+                       f'{";white-space:nowrap" if k in nowrap else ""}">{c}</td>')
     trs = ''.join('<tr>' + ''.join(td(k, c) for k, c in enumerate(r)) + '</tr>' for r in rows)
-    return f'<table style="border-collapse:collapse;font-size:12px"><tr style="border-bottom:1px solid #ccc">{th}</tr>{trs}</table>'
+    return ('<table style="border-collapse:collapse;font-size:12px"><tr style="border-bottom:1px solid #ccc">'
+            f'{th}</tr>{trs}</table>')
 
 def _history_html(view:dict, has_images:bool)->str:
-    rows = [[str(k + 1), _e(h['time'] and _when(h['time']) or '—'), *([_thumb(h['image']) if h['image'] else ''] if has_images else []),
-             f"<span title=\"{_e(h['text'])}\">{_e(h['title'])}</span>", str(h['item'])] for k, h in enumerate(view['history'])]
-    return _table(['#', 'time (UTC)', *(['image'] if has_images else []), 'item (oldest first)', 'id'], rows, nowrap=(0, 1))
+    rows = [[str(k + 1), _e(h['time'] and _when(h['time']) or '—'),
+             *([_thumb(h['image']) if h['image'] else ''] if has_images else []),
+             f"<span title=\"{_e(h['text'])}\">{_e(h['title'])}</span>", str(h['item'])]
+            for k, h in enumerate(view['history'])]
+    return _table(['#', 'time (UTC)', *(['image'] if has_images else []), 'item (oldest first)', 'id'], rows,
+                  nowrap=(0, 1))
 
 def _candidates_html(view:dict, has_images:bool)->str:
     who = lambda c: ' '.join(n for n in (GENERATE, SCORE, 'sasrec') if (view.get(n) or {}).get('item') == c['item'])
     rows = [[f"<b>{c['letter']}</b>", *([_thumb(c['image']) if c['image'] else ''] if has_images else []),
              (f"<b style='color:#1a7f37'>{_e(c['title'])}</b> (target)" if c['is_target'] else _e(c['title'])),
              f"{c['prob']:.3f}", who(c)] for c in view['candidates']]
-    return _table(['letter', *(['image'] if has_images else []), 'candidate', 'score prob.', 'picked by'], rows, nowrap=(0, 3, 4))
+    return _table(['letter', *(['image'] if has_images else []), 'candidate', 'score prob.', 'picked by'], rows,
+                  nowrap=(0, 3, 4))
 
 def _verdict_html(view:dict)->str:
     g, s, sa = view[GENERATE], view[SCORE], view['sasrec']
-    gen = f"generate: answer <code>{_e(repr(g['answer']))}</code> → {g['letter'] or 'no single candidate'} {_mark(g['correct'])}"
-    sas = f"SASRec: {sa['letter']} {_mark(sa['correct'])}" if sa else f"SASRec: <i>not available</i> ({_e(view['sasrec_note'][:160])})"
+    gen = (f"generate: answer <code>{_e(repr(g['answer']))}</code> → "
+           f"{g['letter'] or 'no single candidate'} {_mark(g['correct'])}")
+    sas = (f"SASRec: {sa['letter']} {_mark(sa['correct'])}" if sa
+           else f"SASRec: <i>not available</i> ({_e(view['sasrec_note'][:160])})")
     return (f"<div style='font-size:13px'>user <b>{_e(view['user'])}</b> — target <b>{view['target']['letter']}</b>: "
-            f"{_e(view['target']['title'])}<br>{gen} &nbsp;|&nbsp; score: {s['letter']} {_mark(s['correct'])} &nbsp;|&nbsp; {sas}</div>")
+            f"{_e(view['target']['title'])}<br>{gen} &nbsp;|&nbsp; "
+            f"score: {s['letter']} {_mark(s['correct'])} &nbsp;|&nbsp; {sas}</div>")
 
 def _banner_html(run:ExploredRun)->str:
     cfg, ds = run.cfg, run.ds
     txt = (f"<b>{_e(run.name)}</b> — dataset {_e(ds.name)} ({ds.n_users} users, {ds.n_items} items, "
            f"{ds.info.get('n_items_with_image', 0)} with images), backbone <code>{_e(str(cfg.llm))}</code>, "
-           f"PPL {'on' if cfg.use_ppl else 'off'}, PPT {'on' if cfg.use_ppt else 'off'}, modalities {', '.join(cfg.modalities)}")
+           f"PPL {'on' if cfg.use_ppl else 'off'}, PPT {'on' if cfg.use_ppt else 'off'}, "
+           f"modalities {', '.join(cfg.modalities)}")
     if run.stand_in:
         txt += ("<div style='color:#fff;background:#cf222e;padding:4px 8px;margin-top:4px;border-radius:4px'>"
                 "The backbone is the <b>tiny stand-in</b> (a random 2-layer LLaMA): its answers are noise. "
-                f"These views test the plumbing; set <code>${EXPLORE_RUNS_ENV}</code> to a SmolLM2 run folder for real answers.</div>")
+                f"These views test the plumbing; set <code>${EXPLORE_RUNS_ENV}</code> to a SmolLM2 run folder "
+                "for real answers.</div>")
     return txt
 
 def _probe_html(probe:dict)->str:
     rows = [[_e(r['variant']), ' '.join(map(str, r['history'])), f"{r['score_pick']} {_mark(r['score_correct'])}",
-             f"<code>{_e(repr(r['answer']))}</code> → {r['generate_pick'] or '—'} {_mark(r['generate_correct'])}"] for r in probe['rows']]
+             f"<code>{_e(repr(r['answer']))}</code> → {r['generate_pick'] or '—'} {_mark(r['generate_correct'])}"]
+            for r in probe['rows']]
     return _table(['history', 'item ids (oldest first)', 'score pick', 'generated'], rows)
 
 # %% ../nbs/11_explore.ipynb #176abcf0
@@ -323,8 +355,11 @@ class ExplorerApp(widgets.VBox):
         self.probe_plot, self.probe_table = widgets.Image(format='png'), widgets.HTML()
         self.compare = widgets.HTML()
         self.tabs = widgets.Tab(children=[
-            widgets.VBox([widgets.HBox([widgets.VBox([widgets.HTML('<b>History</b>'), self.history], layout=widgets.Layout(width='50%')),
-                                        widgets.VBox([widgets.HTML('<b>Candidates</b>'), self.candidates], layout=widgets.Layout(width='50%'))]), self.scores_plot]),
+            widgets.VBox([widgets.HBox([widgets.VBox([widgets.HTML('<b>History</b>'), self.history],
+                                                     layout=widgets.Layout(width='50%')),
+                                        widgets.VBox([widgets.HTML('<b>Candidates</b>'), self.candidates],
+                                                     layout=widgets.Layout(width='50%'))]),
+                          self.scores_plot]),
             widgets.VBox([self.item_picker, self.attention_note, self.attention_plot]),
             widgets.VBox([self.ppl_note, widgets.HBox([self.ppl_plot, self.probe_plot]), self.probe_table]),
             widgets.VBox([self.compare])])
@@ -408,7 +443,8 @@ class ExplorerApp(widgets.VBox):
         _show(self.scores_plot, plot_candidate_scores(v))
         items = [(f"history {k + 1}: {h['title'][:50]}", h['item']) for k, h in enumerate(v['history'])]
         items += [(f"candidate {c['letter']}: {c['title'][:50]}", c['item']) for c in v['candidates']]
-        self._set(self.item_picker, options=items, value=v['history'][-1]['item'] if v['history'] else v['candidates'][0]['item'])
+        self._set(self.item_picker, options=items,
+                  value=v['history'][-1]['item'] if v['history'] else v['candidates'][0]['item'])
         self._show_item()
         self._stale = {'Position', 'Runs'}
         self._show_tab()
@@ -417,7 +453,8 @@ class ExplorerApp(widgets.VBox):
         if self.item_picker.value is None: return
         run = self.run
         self.attention_note.value = ('' if run.ds.info.get('n_items_with_image', 0) else
-                                     f'<i>{_e(run.ds.name)} has no item images: the vision token is absent, so its row and column are 0.</i>')
+                                     f'<i>{_e(run.ds.name)} has no item images: the vision token is absent, '
+                                     'so its row and column are 0.</i>')
         _show(self.attention_plot, plot_item_attention(self.run, self.item_picker.value))
 
     def _show_tab(self):
@@ -448,9 +485,12 @@ class ExplorerApp(widgets.VBox):
             except SpeederError as e: rows.append([_e(name), f'<i>{_e(str(e))}</i>', '', '', '']); continue
             sa = v['sasrec']
             rows.append([f"<b>{_e(name)}</b>" if path == self.run_picker.value else _e(name),
-                         f"{'on' if r.cfg.use_ppl else 'off'}", f"{v[GENERATE]['letter'] or '—'} {_mark(v[GENERATE]['correct'])}",
-                         f"{v[SCORE]['letter']} {_mark(v[SCORE]['correct'])}", f"{sa['letter']} {_mark(sa['correct'])}" if sa else '—'])
-        self.compare.value = (f"<div>user <b>{_e(user)}</b>, target {self.view['target']['letter']}: {_e(self.view['target']['title'])}</div>"
+                         f"{'on' if r.cfg.use_ppl else 'off'}",
+                         f"{v[GENERATE]['letter'] or '—'} {_mark(v[GENERATE]['correct'])}",
+                         f"{v[SCORE]['letter']} {_mark(v[SCORE]['correct'])}",
+                         f"{sa['letter']} {_mark(sa['correct'])}" if sa else '—'])
+        self.compare.value = (f"<div>user <b>{_e(user)}</b>, target {self.view['target']['letter']}: "
+                              f"{_e(self.view['target']['title'])}</div>"
                               + _table(['run', 'PPL', GENERATE, SCORE, 'SASRec'], rows))
 
 def explore(runs:str|Path|list|None=None, # a run folder or a list of them; default explore_runs()

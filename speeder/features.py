@@ -17,7 +17,8 @@ __all__ = ['POOLINGS', 'WEIGHT_SUFFIXES', 'FEATURES_VERSION', 'LITE0_STAGES', 'L
            'SEQUENCE_DIM', 'mean_pool', 'last_pool', 'cosine_matrix', 'plot_similarity', 'model_folder',
            'weights_fingerprint', 'TextEncoder', 'dataset_fingerprint', 'features_dir', 'load_cached', 'save_cached',
            'text_features', 'Conv2dSame', 'MBConv', 'EfficientNetLite0', 'load_efficientnet_lite0', 'lite_preprocess',
-           'VisionEncoder', 'vision_features', 'ItemFeatures', 'item_features']
+           'VisionEncoder', 'vision_features', 'ItemFeatures', 'item_features', 'training_items', 'feature_stats',
+           'standardized']
 
 # %% ../nbs/02_features.ipynb #480d311d
 def mean_pool(hidden:torch.Tensor, # (B, T, D) token states
@@ -37,14 +38,16 @@ def last_pool(hidden:torch.Tensor, # (B, T, D) token states
 POOLINGS = {'mean': mean_pool, 'last': last_pool}
 
 # %% ../nbs/02_features.ipynb #b94a9ccd
-def cosine_matrix(x:torch.Tensor)->torch.Tensor:
+def cosine_matrix(x:torch.Tensor, # (n, d) one vector per row
+                 )->torch.Tensor:
     "Pairwise cosine similarity of the rows of `x`."
     x = F.normalize(x.float(), dim=-1)
     return x @ x.T
 
 def plot_similarity(features:torch.Tensor, # (n, d) one vector per row
                     labels:list,           # n row labels
-                    title:str=''):
+                    title:str='', # figure title
+                   ):
     "Heatmap of the pairwise cosine similarity of `features`; returns the figure."
     import matplotlib.pyplot as plt
     sim, n = cosine_matrix(features).numpy(), len(labels)
@@ -52,7 +55,9 @@ def plot_similarity(features:torch.Tensor, # (n, d) one vector per row
     im = ax.imshow(sim, cmap='viridis')
     ax.set_xticks(range(n), labels, rotation=45, ha='right', fontsize=8); ax.set_yticks(range(n), labels, fontsize=8)
     for i in range(n):
-        for j in range(n): ax.text(j, i, f'{sim[i, j]:.2f}', ha='center', va='center', fontsize=6, color='w' if sim[i, j] < sim.mean() else 'k')
+        for j in range(n):
+            ax.text(j, i, f'{sim[i, j]:.2f}', ha='center', va='center', fontsize=6,
+                    color='w' if sim[i, j] < sim.mean() else 'k')
     fig.colorbar(im, ax=ax, fraction=0.04); ax.set_title(title); fig.tight_layout()
     return fig
 
@@ -77,7 +82,8 @@ def model_folder(path:str|Path, # folder of a Hugging Face model (config.json + 
 def _hidden_size(cfg, what:str, path)->int:
     sizes = getattr(cfg, 'hidden_sizes', None)   # convolutional vision models
     d = sizes[-1] if sizes else getattr(cfg, 'hidden_size', None)
-    if not isinstance(d, int): raise SpeederError(f'{what} {path}: cannot tell its output size (no hidden_size in config.json)')
+    if not isinstance(d, int):
+        raise SpeederError(f'{what} {path}: cannot tell its output size (no hidden_size in config.json)')
     return d
 
 # %% ../nbs/02_features.ipynb #1c81e010
@@ -102,9 +108,11 @@ class TextEncoder:
                  max_length:int=128, # tokens kept per text
                  root:str|Path|None=None, # data folder (assets and hash cache)
                  device=None): # default: cuda if available, else cpu
+        "Check the model folder and read its config (the model loads on first use)."
         if pooling not in POOLINGS: raise SpeederError(f'unknown pooling {pooling!r}; use one of {", ".join(POOLINGS)}')
         default = path is None
-        self.path, self.config = model_folder(fetch_asset('all-minilm-l6-v2', root)/'model' if default else path, 'text encoder')
+        self.path, self.config = model_folder(fetch_asset('all-minilm-l6-v2', root)/'model' if default else path,
+                                              'text encoder')
         self.name = 'all-MiniLM-L6-v2' if default else self.path.name
         self.dim = _hidden_size(self.config, 'text encoder', self.path)
         self.pooling, self.max_length, self.root, self.device = pooling, max_length, root, _device(device)
@@ -124,23 +132,29 @@ class TextEncoder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(self.device).eval()
-        except Exception as e: raise SpeederError(f'text encoder {self.path} cannot be loaded: {first_line(e)}') from None
-        if self.tokenizer.pad_token is None: self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        except Exception as e:
+            raise SpeederError(f'text encoder {self.path} cannot be loaded: {first_line(e)}') from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         return self
 
     @torch.inference_mode()
     def encode(self, texts:list, # strings
-               batch_size:int=64)->torch.Tensor:
+               batch_size:int=64, # texts per forward pass
+              )->torch.Tensor:
         "One vector per text: (len(texts), dim), float32 on the CPU."
         self.load()
         pool, out = POOLINGS[self.pooling], torch.zeros(len(texts), self.dim)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))   # similar lengths together: less padding
-        for s in progress(range(0, len(texts), batch_size), desc=f'text features ({self.name})', disable=len(texts) <= batch_size):
+        for s in progress(range(0, len(texts), batch_size), desc=f'text features ({self.name})',
+                          disable=len(texts) <= batch_size):
             idx = order[s:s + batch_size]
             b = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
                                return_tensors='pt').to(self.device)
             hidden = self.model(**b).last_hidden_state
-            if hidden.shape[-1] != self.dim: raise SpeederError(f'text encoder {self.path} gives {hidden.shape[-1]}-d states, its config says {self.dim}')
+            if hidden.shape[-1] != self.dim:
+                raise SpeederError(f'text encoder {self.path} gives {hidden.shape[-1]}-d states, '
+                                   f'its config says {self.dim}')
             out[idx] = pool(hidden, b['attention_mask']).float().cpu()
         return out
 
@@ -149,13 +163,15 @@ class TextEncoder:
 # %% ../nbs/02_features.ipynb #ef31890a
 FEATURES_VERSION = 1   # bump when preprocessing changes: every cache is rebuilt
 
-def dataset_fingerprint(ds)->str|None:
+def dataset_fingerprint(ds, # a `Dataset`
+                       )->str|None:
     "The fingerprint `prepare_dataset` saved for `ds` (from `ds.info`, else from its `info.json`), or None."
     if ds.info.get('fingerprint'): return ds.info['fingerprint']
     try: return json.loads((Path(ds.path)/'info.json').read_text()).get('fingerprint') if ds.path else None
     except (OSError, ValueError): return None
 
-def features_dir(ds)->Path|None:
+def features_dir(ds, # a `Dataset`
+                )->Path|None:
     "`data/<dataset>/features/`, or None when the dataset has no saved fingerprint to key a cache by."
     if ds.path is None or not dataset_fingerprint(ds): return None
     return Path(ds.path).parent/'features'
@@ -168,25 +184,41 @@ def _cache_path(ds, modality:str, encoder_name:str, key:dict)->Path|None:
     d = features_dir(ds)
     return d/f'{modality}-{_slug(encoder_name)}-{_digest(key)[:16]}.pt' if d else None
 
-def load_cached(ds, modality:str, encoder_name:str, key:dict, dim:int)->dict|None:
-    "The cached entry for `key` if it is exactly right (same key, shape `(n_items+1, dim)`), else None (with a log line)."
+def load_cached(ds, # a `Dataset` (its features folder holds the cache)
+                modality:str, # 'text' or 'vision'
+                encoder_name:str, # the encoder's name (part of the file name)
+                key:dict, # everything the features depend on; must equal the stored key
+                dim:int, # feature size the encoder gives now
+               )->dict|None:
+    ("The cached entry for `key` if it is exactly right (same key, shape `(n_items+1, dim)`), "
+     "else None (with a log line).")
     path = _cache_path(ds, modality, encoder_name, key)
-    if path is None: log(f'{modality} features: dataset {ds.name} has no fingerprint, so nothing is cached'); return None
+    if path is None:
+        log(f'{modality} features: dataset {ds.name} has no fingerprint, so nothing is cached'); return None
     if not path.exists():
         stale = sorted(path.parent.glob(f'{modality}-{_slug(encoder_name)}-*.pt'))
-        if stale: log(f'{modality} features: cache {stale[0].name} was built from other weights/data/settings; rebuilding')
+        if stale:
+            log(f'{modality} features: cache {stale[0].name} was built from other weights/data/settings; rebuilding')
         return None
     try: blob = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: log(f'{modality} features: cache {path} is unreadable ({first_line(e)}); rebuilding'); return None
-    if blob.get('key') != key: log(f'{modality} features: cache {path.name} has a different key; rebuilding'); return None
+    except Exception as e:
+        log(f'{modality} features: cache {path} is unreadable ({first_line(e)}); rebuilding'); return None
+    if blob.get('key') != key:
+        log(f'{modality} features: cache {path.name} has a different key; rebuilding'); return None
     got = tuple(blob['features'].shape)
     if got != (ds.n_items + 1, dim):
-        log(f'{modality} features: cache {path.name} holds shape {got} but {encoder_name} gives ({ds.n_items + 1}, {dim}); rebuilding')
+        log(f'{modality} features: cache {path.name} holds shape {got} '
+            f'but {encoder_name} gives ({ds.n_items + 1}, {dim}); rebuilding')
         return None
     log(f'{modality} features: cache hit {path}')
     return blob
 
-def save_cached(ds, modality:str, encoder_name:str, key:dict, blob:dict)->Path|None:
+def save_cached(ds, # a `Dataset` (its features folder holds the cache)
+                modality:str, # 'text' or 'vision'
+                encoder_name:str, # the encoder's name (part of the file name)
+                key:dict, # everything the features depend on (stored with them)
+                blob:dict, # what to store: `features` and anything else
+               )->Path|None:
     "Write `blob` (plus its key) atomically; older caches of the same modality and encoder are removed."
     path = _cache_path(ds, modality, encoder_name, key)
     if path is None: return None
@@ -199,7 +231,7 @@ def save_cached(ds, modality:str, encoder_name:str, key:dict, blob:dict)->Path|N
 def text_features(ds, # a `Dataset`
                   encoder:str|Path|TextEncoder|None=None, # model folder or `TextEncoder`; default all-MiniLM-L6-v2
                   root:str|Path|None=None, # data folder (assets and hash cache)
-                  batch_size:int=64,
+                  batch_size:int=64, # texts per forward pass
                   pooling:str='mean', # 'mean' or 'last' (used when `encoder` is a folder)
                  )->torch.Tensor:
     "Text features `(n_items+1, d_t)` of every item (row 0 = zeros for padding), cached under `data/<name>/features/`."
@@ -222,11 +254,21 @@ LITE0_STAGES = [  # (repeats, kernel, stride, expansion, in channels, out channe
 LITE0_FILE = 'efficientnet-lite0-57934424.pth'
 
 class Conv2dSame(nn.Conv2d):
-    "Bias-free conv with TensorFlow 'SAME' padding (extra pixel bottom/right at stride 2), or PyTorch's symmetric padding."
-    def __init__(self, c_in, c_out, k, stride=1, groups=1, same=True):
+    ("Bias-free conv with TensorFlow 'SAME' padding (extra pixel bottom/right at stride 2), "
+     "or PyTorch's symmetric padding.")
+    def __init__(self, c_in, # input channels
+                 c_out, # output channels
+                 k, # kernel size
+                 stride=1, # stride
+                 groups=1, # channel groups (as many as channels: depthwise)
+                 same=True, # TensorFlow 'SAME' padding, else symmetric `k // 2` padding
+                ):
+        "A `k`x`k` conv from `c_in` to `c_out` channels without bias."
         super().__init__(c_in, c_out, k, stride, padding=0 if same else k // 2, groups=groups, bias=False)
         self.same = same
-    def forward(self, x):
+    def forward(self, x, # (B, c_in, H, W) feature map
+               ):
+        "Pad as TensorFlow's 'SAME' does (when `same`), then convolve."
         if self.same:
             (k, _), (s, _), (h, w) = self.kernel_size, self.stride, x.shape[-2:]
             ph, pw = max((math.ceil(h / s) - 1) * s + k - h, 0), max((math.ceil(w / s) - 1) * s + k - w, 0)
@@ -237,66 +279,95 @@ def _bn(c): return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
 
 class MBConv(nn.Module):
     "Inverted residual block without squeeze-excitation: 1x1 expand -> kxk depthwise -> 1x1 project (+ residual)."
-    def __init__(self, c_in, c_out, k, stride, expand, same=True):
+    def __init__(self, c_in, # input channels
+                 c_out, # output channels
+                 k, # depthwise kernel size
+                 stride, # depthwise stride
+                 expand, # expansion ratio of the 1x1 expand conv (1: no expand conv)
+                 same=True, # TensorFlow 'SAME' padding, else symmetric
+                ):
+        "The expand, depthwise and project convs with their batch norms."
         super().__init__()
         mid = c_in * expand
         if expand != 1: self._expand_conv, self._bn0 = Conv2dSame(c_in, mid, 1, same=same), _bn(mid)
         self._depthwise_conv, self._bn1 = Conv2dSame(mid, mid, k, stride, groups=mid, same=same), _bn(mid)
         self._project_conv, self._bn2 = Conv2dSame(mid, c_out, 1, same=same), _bn(c_out)
         self.residual = stride == 1 and c_in == c_out
-    def forward(self, x):
+    def forward(self, x, # (B, c_in, H, W) feature map
+               ):
+        "Expand, depthwise conv, project; plus the input when the shape is kept."
         h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, '_expand_conv') else x
         h = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(h)))))
         return x + h if self.residual else h
 
 class EfficientNetLite0(nn.Module):
-    "EfficientNet-Lite0 with parameter names matching the published state dict; `features` gives the 1280-d pooled vector."
+    ("EfficientNet-Lite0 with parameter names matching the published state dict; "
+     "`features` gives the 1280-d pooled vector.")
     dim = 1280
-    def __init__(self, n_classes:int=1000, same_padding:bool=True):
+    def __init__(self, n_classes:int=1000, # classifier outputs (ImageNet: 1000)
+                 same_padding:bool=True, # TensorFlow 'SAME' padding (as the weights were trained), else symmetric
+                ):
+        "Stem, the 16 MBConv blocks of `LITE0_STAGES`, head and classifier."
         super().__init__()
         self._conv_stem, self._bn0 = Conv2dSame(3, 32, 3, 2, same=same_padding), _bn(32)
-        self._blocks = nn.ModuleList(MBConv(c_in if j == 0 else c_out, c_out, k, stride if j == 0 else 1, e, same_padding)
+        self._blocks = nn.ModuleList(MBConv(c_in if j == 0 else c_out, c_out, k, stride if j == 0 else 1, e,
+                                            same_padding)
                                      for r, k, stride, e, c_in, c_out in LITE0_STAGES for j in range(r))
         self._conv_head, self._bn1 = Conv2dSame(320, self.dim, 1, same=same_padding), _bn(self.dim)
         self._fc = nn.Linear(self.dim, n_classes)
-    def features(self, x:torch.Tensor)->torch.Tensor:
+    def features(self, x:torch.Tensor, # (B, 3, H, W) images scaled to [-1, 1]
+                )->torch.Tensor:
         "(B, 3, H, W) images scaled to [-1, 1] -> (B, 1280) globally pooled features."
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks: x = block(x)
         return F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
-    def forward(self, x): return self._fc(self.features(x))
+    def forward(self, x, # (B, 3, H, W) images scaled to [-1, 1]
+               ):
+        "ImageNet class logits: (B, n_classes)."
+        return self._fc(self.features(x))
 
 def load_efficientnet_lite0(path:str|Path, # a `.pth` state dict of EfficientNet-Lite0
-                            same_padding:bool=True)->EfficientNetLite0:
+                            same_padding:bool=True, # TensorFlow 'SAME' padding, else symmetric
+                           )->EfficientNetLite0:
     "EfficientNet-Lite0 with the weights in `path`, loaded with `strict=True`, in eval mode."
     path = Path(path)
     if not path.is_file(): raise SpeederError(f'vision encoder weights {path} do not exist')
     try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise SpeederError(f'vision encoder weights {path} cannot be read: {first_line(e)}') from None
+    except Exception as e:
+        raise SpeederError(f'vision encoder weights {path} cannot be read: {first_line(e)}') from None
     if isinstance(sd, dict) and 'state_dict' in sd: sd = sd['state_dict']
     net = EfficientNetLite0(same_padding=same_padding)
     try: net.load_state_dict(sd, strict=True)
-    except Exception as e: raise SpeederError(f'{path} is not an EfficientNet-Lite0 state dict: {first_line(e)}') from None
+    except Exception as e:
+        raise SpeederError(f'{path} is not an EfficientNet-Lite0 state dict: {first_line(e)}') from None
     return net.eval()
 
 # %% ../nbs/02_features.ipynb #56517cc9
 LITE_MEAN, LITE_STD = 127.0, 128.0   # on 0..255 pixels: (x - 127) / 128 lies in [-1, 1]
 
 def lite_preprocess(img, # a PIL image
-                    size:int=224, mean=LITE_MEAN, std=LITE_STD)->torch.Tensor:
+                    size:int=224, # side of the square output, in pixels
+                    mean=LITE_MEAN, # subtracted from the 0..255 pixels (one number, or one per channel)
+                    std=LITE_STD, # the difference is divided by it (one number, or one per channel)
+                   )->torch.Tensor:
     "Centre square crop, bicubic resize to `size`, scale to [-1, 1]: (3, size, size) float32."
     from PIL import Image
     img = img.convert('RGB'); w, h = img.size; s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.Resampling.BICUBIC)
+    img = (img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+              .resize((size, size), Image.Resampling.BICUBIC))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
-    return (x - torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)) / torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return ((x - torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+            / torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
 # %% ../nbs/02_features.ipynb #51fad642
 class VisionEncoder:
     "An image encoder: EfficientNet-Lite0 weights (`.pth`) or a local Hugging Face vision model folder."
-    def __init__(self, path:str|Path|None=None, # `.pth` file or model folder; default: EfficientNet-Lite0 ImageNet weights
+    def __init__(self,
+                 path:str|Path|None=None, # `.pth` file or model folder; default: EfficientNet-Lite0 ImageNet weights
                  root:str|Path|None=None, # data folder (assets and hash cache)
-                 device=None): # default: cuda if available, else cpu
+                 device=None, # default: cuda if available, else cpu
+                ):
+        "Check the weights file or model folder (the network loads on first use)."
         if path is None: path = fetch_asset('efficientnet-lite0', root)/LITE0_FILE
         p = Path(path).expanduser()
         if not p.exists(): raise SpeederError(f'vision encoder {p} does not exist')
@@ -305,11 +376,13 @@ class VisionEncoder:
             self.name = 'efficientnet-lite0' if p.name == LITE0_FILE else p.stem
         else:
             self.path, self.config = model_folder(p, 'vision encoder')
-            self.kind, self.name, self.dim = 'hf', self.path.name, _hidden_size(self.config, 'vision encoder', self.path)
+            self.kind, self.name, self.dim = ('hf', self.path.name,
+                                              _hidden_size(self.config, 'vision encoder', self.path))
         self.root, self.device, self.model, self.processor, self._fingerprint = root, _device(device), None, None, None
 
     @property
     def fingerprint(self)->str:
+        "Hash of the weights file, or of the model folder's files."
         if self._fingerprint is None: self._fingerprint = weights_fingerprint(self.path, self.root)
         return self._fingerprint
 
@@ -323,11 +396,13 @@ class VisionEncoder:
             try:
                 self.processor = AutoImageProcessor.from_pretrained(str(self.path), local_files_only=True)
                 self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(self.device).eval()
-            except Exception as e: raise SpeederError(f'vision encoder {self.path} cannot be loaded: {first_line(e)}') from None
+            except Exception as e:
+                raise SpeederError(f'vision encoder {self.path} cannot be loaded: {first_line(e)}') from None
         return self
 
     @torch.inference_mode()
-    def encode(self, images:list)->torch.Tensor:
+    def encode(self, images:list, # PIL images
+              )->torch.Tensor:
         "PIL images -> (len(images), dim) float32 features on the CPU."
         self.load()
         if self.kind == 'efficientnet-lite0':
@@ -339,7 +414,8 @@ class VisionEncoder:
             pooled = getattr(o, 'pooler_output', None)
             h = o.last_hidden_state
             out = (pooled if pooled is not None else h.mean(1) if h.dim() == 3 else h.mean((2, 3))).flatten(1)
-        if out.shape[-1] != self.dim: raise SpeederError(f'vision encoder {self.path} gives {out.shape[-1]}-d features, expected {self.dim}')
+        if out.shape[-1] != self.dim:
+            raise SpeederError(f'vision encoder {self.path} gives {out.shape[-1]}-d features, expected {self.dim}')
         return out.float().cpu()
 
     def __repr__(self): return f'VisionEncoder({self.name}, dim={self.dim})'
@@ -351,12 +427,14 @@ def _image_stamp(path)->list|None:
     except OSError: return [str(path), 'missing']
 
 def _bad_image_error(ds, i, path, why)->SpeederError:
-    return SpeederError(f'item {i} ({ds.raw_item_ids[i]}): {why}; fix or remove the file, or pass skip_bad_images=True to mask it out')
+    return SpeederError(f'item {i} ({ds.raw_item_ids[i]}): {why}; fix or remove the file, '
+                        'or pass skip_bad_images=True to mask it out')
 
 def vision_features(ds, # a `Dataset`
-                    encoder:str|Path|VisionEncoder|None=None, # `.pth` file, HF model folder or `VisionEncoder`; default EfficientNet-Lite0
+                    # `.pth` file, HF model folder or `VisionEncoder`; default EfficientNet-Lite0
+                    encoder:str|Path|VisionEncoder|None=None,
                     root:str|Path|None=None, # data folder (assets and hash cache)
-                    batch_size:int=32,
+                    batch_size:int=32, # images per forward pass
                     skip_bad_images:bool=False, # mask out (and count) unreadable images instead of failing
                    )->tuple:
     "Image features `(n_items+1, d_v)`, a bool mask `(n_items+1,)` of items with a usable image, and a meta dict."
@@ -364,9 +442,11 @@ def vision_features(ds, # a `Dataset`
     paths[0] = None
     present = torch.zeros(ds.n_items + 1, dtype=torch.bool)
     if not any(paths):   # no images at all (e.g. MovieLens): the encoder is not even loaded
-        dim = EfficientNetLite0.dim if encoder is None else encoder.dim if isinstance(encoder, VisionEncoder) else VisionEncoder(encoder, root).dim
+        dim = (EfficientNetLite0.dim if encoder is None else encoder.dim if isinstance(encoder, VisionEncoder)
+               else VisionEncoder(encoder, root).dim)
         log(f'vision features: {ds.name} has no item images; vision features are zeros and masked out')
-        return torch.zeros(ds.n_items + 1, dim), present, dict(encoder=None, dim=dim, n_images=0, n_present=0, n_bad=0, bad=[], cache='none')
+        return torch.zeros(ds.n_items + 1, dim), present, dict(encoder=None, dim=dim, n_images=0, n_present=0, n_bad=0,
+                                                               bad=[], cache='none')
     enc = encoder if isinstance(encoder, VisionEncoder) else VisionEncoder(encoder, root)
     key = dict(version=FEATURES_VERSION, modality='vision', dataset=dataset_fingerprint(ds), encoder=enc.name,
                weights=enc.fingerprint, images=_digest([_image_stamp(p) for p in paths]))
@@ -379,7 +459,8 @@ def vision_features(ds, # a `Dataset`
         return hit['features'], hit['present'], dict(meta, cache='hit')
     ids, bad, t0 = [i for i, p in enumerate(paths) if p], [], time.time()
     feats = torch.zeros(ds.n_items + 1, enc.dim)
-    for s in progress(range(0, len(ids), batch_size), desc=f'vision features ({enc.name})', disable=len(ids) <= batch_size):
+    for s in progress(range(0, len(ids), batch_size), desc=f'vision features ({enc.name})',
+                      disable=len(ids) <= batch_size):
         ok, imgs = [], []
         for i in ids[s:s + batch_size]:
             try: imgs.append(open_image(paths[i])); ok.append(i)
@@ -389,9 +470,13 @@ def vision_features(ds, # a `Dataset`
         if ok: feats[ok] = enc.encode(imgs); present[ok] = True
     dt = time.time() - t0
     meta = dict(encoder=enc.name, dim=enc.dim, n_images=len(ids), n_present=int(present.sum()), n_bad=len(bad), bad=bad,
-                n_no_image=ds.n_items - len(ids), seconds=round(dt, 3), ms_per_image=round(1000 * dt / max(len(ids), 1), 1))
-    log(f'vision features: {meta["n_present"]} images with {enc.name} in {dt:.1f}s; {meta["n_no_image"]} item(s) without an image')
-    if bad: log(f'vision features: {len(bad)} unreadable image(s) masked out: ' + '; '.join(f'item {i} ({p})' for i, p, _ in bad[:5]))
+                n_no_image=ds.n_items - len(ids), seconds=round(dt, 3),
+                ms_per_image=round(1000 * dt / max(len(ids), 1), 1))
+    log(f'vision features: {meta["n_present"]} images with {enc.name} in {dt:.1f}s; '
+        f'{meta["n_no_image"]} item(s) without an image')
+    if bad:
+        log(f'vision features: {len(bad)} unreadable image(s) masked out: '
+            + '; '.join(f'item {i} ({p})' for i, p, _ in bad[:5]))
     save_cached(ds, 'vision', enc.name, key, dict(features=feats, present=present, meta=json.dumps(meta)))
     return feats, present, dict(meta, cache='built')
 
@@ -410,12 +495,15 @@ class ItemFeatures:
         rows = {k: len(getattr(self, k)) for k in ('text', 'vision', 'vision_present', 'sequence')}
         if len(set(rows.values())) != 1: raise SpeederError(f'feature tables disagree on the number of items: {rows}')
     @property
-    def n_items(self)->int: return len(self.text) - 1
+    def n_items(self)->int:
+        "Number of items (rows less the padding row)."
+        return len(self.text) - 1
     @property
     def dims(self)->dict:
         "Feature size of each modality."
         return dict(text=self.text.shape[1], vision=self.vision.shape[1], sequence=self.sequence.shape[1])
-    def to(self, device)->ItemFeatures:
+    def to(self, device, # a torch device or its name
+          )->ItemFeatures:
         "A copy with every table on `device`."
         return ItemFeatures(self.text.to(device), self.vision.to(device), self.vision_present.to(device),
                             self.sequence.to(device), self.meta)
@@ -437,10 +525,59 @@ def item_features(ds, # a `Dataset`
                   sequence:torch.Tensor|None=None, # (n_items+1, d_s) item embeddings, e.g. from SASRec; None: zeros
                   root:str|Path|None=None, # data folder (assets and hash cache)
                   skip_bad_images:bool=False, # mask out unreadable images instead of failing
+                  standardize:bool=False, # standardise every table with its training items' statistics (`standardized`)
                  )->ItemFeatures:
     "Text, vision and sequence features of every item of `ds` (computed once, then cached)."
     text = text_features(ds, text_encoder, root)
     vision, present, vmeta = vision_features(ds, vision_encoder, root, skip_bad_images=skip_bad_images)
     seq, seq_source = _sequence_table(ds, sequence)
-    name = text_encoder.name if isinstance(text_encoder, TextEncoder) else Path(text_encoder).name if text_encoder else 'all-MiniLM-L6-v2'
-    return ItemFeatures(text, vision, present, seq, dict(dataset=ds.name, text_encoder=name, vision=vmeta, sequence=seq_source))
+    name = (text_encoder.name if isinstance(text_encoder, TextEncoder) else Path(text_encoder).name if text_encoder
+            else 'all-MiniLM-L6-v2')
+    feats = ItemFeatures(text, vision, present, seq,
+                         dict(dataset=ds.name, text_encoder=name, vision=vmeta, sequence=seq_source))
+    return standardized(ds, feats) if standardize else feats
+
+# %% ../nbs/02_features.ipynb #1cca1eb5
+def training_items(ds, # a `Dataset`
+                  )->torch.Tensor:
+    ("Ids of the items that occur in the training examples (in a history or as a target): "
+     "the items statistics come from.")
+    tr = ds.train
+    ids = np.unique(np.concatenate([np.asarray(tr.histories).ravel(), np.asarray(tr.targets)]))
+    return torch.as_tensor(ids[ids > 0])
+
+def feature_stats(ds, # the dataset the table belongs to
+                  modality:str, # 'text', 'vision' or 'sequence' (names the cache entry)
+                  table:torch.Tensor, # (n_items+1, d) features
+                  present:torch.Tensor, # (n_items+1,) bool: rows that hold the modality
+                 )->tuple:
+    "Per-dimension (mean, std) of `table` over the training items that have the modality; cached under features/."
+    table = table.float().cpu()
+    key = dict(version=FEATURES_VERSION, modality=modality, dataset=dataset_fingerprint(ds),
+               table=hashlib.sha256(table.numpy().tobytes()).hexdigest())
+    path = features_dir(ds)/f'stats-{modality}-{_digest(key)[:16]}.pt' if features_dir(ds) else None
+    if path is not None and path.exists():
+        try:
+            blob = torch.load(path, map_location='cpu', weights_only=True)
+            if blob.get('key') == key: return blob['mean'], blob['std']
+        except Exception as e:
+            log(f'{modality} statistics: cache {path.name} is unreadable ({first_line(e)}); recomputing')
+    items = training_items(ds); items = items[present[items]]
+    if len(items) < 2: return torch.zeros(table.shape[1]), torch.ones(table.shape[1])
+    mean, std = table[items].mean(0), table[items].std(0).clamp_min(1e-6)
+    if path is not None: atomic_write(path, lambda p: torch.save(dict(key=key, mean=mean, std=std), p))
+    return mean, std
+
+def standardized(ds, # the dataset the features belong to
+                 feats:ItemFeatures, # raw feature tables
+                )->ItemFeatures:
+    "A copy of `feats` with every table standardised by its training items' statistics; absent rows stay zero."
+    real = torch.arange(len(feats.text)) > 0
+    out, stats = {}, {}
+    for m, present in (('text', real), ('vision', feats.vision_present.bool()), ('sequence', real)):
+        table = getattr(feats, m).float()
+        mean, std = feature_stats(ds, m, table, present)
+        out[m] = torch.where(present[:, None], (table - mean) / std, torch.zeros_like(table))
+        stats[m] = dict(mean_norm=float(mean.norm()), std_mean=float(std.mean()))
+    return ItemFeatures(out['text'], out['vision'], feats.vision_present, out['sequence'],
+                        dict(feats.meta, standardized=stats))

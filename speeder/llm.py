@@ -20,13 +20,15 @@ from .dist import (world_size, rank, is_main, rank_seed, rank_slice, mean_over_r
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'PACKAGED_LLMS', 'STAND_IN', 'TINY_LLAMA', 'TINY_SEED', 'TINY_EMBED_STD',
            'ITEM_TOKEN', 'LABELS', 'PROMPT', 'PLACEHOLDERS', 'TYPE_WORDS', 'AT_LEAST', 'ABOVE_ZERO', 'NOT_NEGATIVE',
-           'FRACTIONS', 'CHOICES', 'PARAM_GROUPS', 'SCORE', 'GENERATE', 'ANSWER_MODES', 'REORDERINGS',
-           'TRAINED_MODULES', 'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm', 'check_llm',
-           'tiny_llm', 'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt',
-           'check_prompt_inputs', 'target_index', 'collate_prompts', 'SpeederConfig', 'SpeederRecommender',
-           'random_features', 'group_parameters', 'set_trainable', 'check_mode', 'autocast', 'score_candidates',
-           'generate_answers', 'recommend', 'evaluate', 'lr_at', 'total_steps', 'training_split', 'fit', 'toy_split',
-           'reorder_histories', 'order_sensitivity', 'save_weights', 'load_weights']
+           'FRACTIONS', 'CHOICES', 'LOSS_KEYS', 'PARAM_GROUPS', 'SCORE', 'GENERATE', 'ANSWER_MODES', 'SUMMARY_KEYS',
+           'REORDERINGS', 'TRAINED_MODULES', 'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm',
+           'check_llm', 'tiny_llm', 'load_backbone', 'add_lora', 'candidate_pieces', 'render_prompt', 'SpeederPrompt',
+           'check_prompt_inputs', 'target_index', 'PromptRow', 'collate_prompts', 'SpeederConfig', 'spread_loss',
+           'scale_to_rms', 'ListwiseHead', 'SpeederRecommender', 'random_features', 'group_parameters', 'set_trainable',
+           'check_mode', 'autocast', 'score_candidates', 'generate_answers', 'recommend', 'evaluate', 'lr_at',
+           'total_steps', 'training_split', 'fit', 'history_summary', 'plot_choice_learning', 'toy_split',
+           'time_per_step', 'steps_for_minutes', 'token_stats', 'ValidCurve', 'reorder_histories', 'order_sensitivity',
+           'save_weights', 'load_weights']
 
 # %% ../nbs/05_llm.ipynb #14e21dd7
 SMOLLM2 = 'smollm2-135m-instruct'                 # packaged asset of the default backbone
@@ -126,7 +128,7 @@ def tiny_llm(tokenizer, # SmolLM2's tokenizer (its vocabulary sizes the embeddin
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=None, **TINY_LLAMA)   # no padding row: it would be zero, and so would the tied EOS logit
+                      pad_token_id=None, **TINY_LLAMA)   # no padding row: it would be zero, so would the tied EOS logit
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = LlamaForCausalLM(cfg)
@@ -172,7 +174,8 @@ def add_lora(model, # a causal LM
     linear = sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     missing = [t for t in targets if t not in linear]
     if missing:
-        raise SpeederError(f'LoRA targets {", ".join(missing)} are not linear layers of this LLM; it has: {", ".join(linear)}')
+        raise SpeederError(f'LoRA targets {", ".join(missing)} are not linear layers of this LLM; '
+                           f'it has: {", ".join(linear)}')
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type='CAUSAL_LM')
     with warnings.catch_warnings():   # peft calls a transformers property that warns about its own deprecation
         warnings.simplefilter('ignore', FutureWarning)
@@ -182,10 +185,10 @@ def add_lora(model, # a causal LM
 ITEM_TOKEN = '<|item|>'                       # placeholder of one item token in the prompt
 LABELS = 'BCDEFGHJKLMNOPQRSTUV'               # candidate labels: 20 one-token capital letters, no English words (A, I)
 PROMPT = dict(                                # the template: head, history item tokens, mid, candidates, tail, answer
-    head='A user interacted with these items, oldest first:',
-    mid='\nWhich candidate will the user choose next?',
-    candidate='\n{item}{label}',              # one candidate per line: its item token, then its letter
-    tail='\nAnswer with its letter:\n')
+    head='History:',
+    mid='\nCandidates:',
+    candidate='{item}{label}',                # each candidate: its item token, then its letter
+    tail='\nAnswer:')
 PLACEHOLDERS = ('{label}', '{item}')          # the two placeholders of the candidate template
 
 def candidate_pieces(template:str|None=None, # a candidate template (default `PROMPT['candidate']`)
@@ -222,7 +225,8 @@ class SpeederPrompt:
         for lab in self.labels:
             ids = enc(lab)
             if len(ids) != 1:
-                raise SpeederError(f'label {lab!r} is {len(ids)} tokens for this tokenizer; labels must be one token each')
+                raise SpeederError(f'label {lab!r} is {len(ids)} tokens for this tokenizer; '
+                                   'labels must be one token each')
             self.label_ids.append(ids[0])
         if len(set(self.label_ids)) != len(self.label_ids):
             raise SpeederError(f'labels {labels!r} do not map to distinct tokens')
@@ -236,17 +240,18 @@ class SpeederPrompt:
 
     def ids(self, n_history:int, # items in the history
            )->tuple:
-        "(token ids, history positions, candidate positions) of the prompt for `n_history` items (cached)."
+        ("(token ids, history positions, candidate positions, letter positions) "
+         "of the prompt for `n_history` items (cached).")
         if n_history not in self._cache:
             ids = self.start + self.head
             hist = list(range(len(ids), len(ids) + n_history)); ids = ids + [self.item_id] * n_history + self.mid
-            cand = []
+            cand, letters = [], []
             for lab in self.label_ids:
                 for piece in self.candidate:
-                    if piece == '{label}': ids = ids + [lab]
+                    if piece == '{label}': letters.append(len(ids)); ids = ids + [lab]
                     elif piece == '{item}': cand.append(len(ids)); ids = ids + [self.item_id]
                     else: ids = ids + piece
-            self._cache[n_history] = (ids + self.tail, hist, cand)
+            self._cache[n_history] = (ids + self.tail, hist, cand, letters)
         return self._cache[n_history]
 
     def answer_ids(self, k:int, # index of the chosen candidate
@@ -272,9 +277,10 @@ class SpeederPrompt:
         rows = []
         for b in range(len(histories)):
             n = int((histories[b] > 0).sum())
-            ids, hist, cand = self.ids(n)
-            answer = [] if targets is None else self.answer_ids(target_index(candidates[b], targets[b], b))
-            rows.append((ids + answer, [-1] * (histories.shape[1] - n) + hist, cand, len(answer)))
+            ids, hist, cand, letters = self.ids(n)
+            k = None if targets is None else target_index(candidates[b], targets[b], b)
+            answer = [] if k is None else self.answer_ids(k)
+            rows.append(PromptRow(ids + answer, [-1] * (histories.shape[1] - n) + hist, cand, letters, len(answer), k))
         return collate_prompts(rows, histories, candidates, self.eos_id)
 
 def check_prompt_inputs(histories, # (B, L) item ids
@@ -302,36 +308,49 @@ def target_index(candidates:torch.Tensor, # one row's candidate item ids
     if len(hit) != 1: raise SpeederError(f'row {row}: target {int(target)} is not exactly once among its candidates')
     return int(hit[0])
 
-def collate_prompts(rows:list, # per example: (ids incl. answer, history positions (-1: empty), candidate positions, answer length)
+@dataclass
+class PromptRow:
+    "One example's prompt before padding (positions count from its first token; -1 where there is nothing)."
+    ids:list           # token ids, answer included when training
+    hist_pos:list      # where each history slot's item token is (-1: empty slot)
+    cand_pos:list      # where each candidate's item token is (-1: the prompt has no item tokens)
+    label_pos:list     # where each candidate's letter is (empty: the prompt has no letters)
+    n_answer:int       # answer tokens at the end of `ids` (0: prompt only)
+    target:int|None    # index of the target among the candidates (None: prompt only)
+
+def collate_prompts(rows:list, # one `PromptRow` per example
                     histories:torch.Tensor, # (B, L) item ids
                     candidates:torch.Tensor, # (B, C) item ids
                     pad_id:int, # token id on padding positions (masked out)
                    )->dict:
     "Left-pad rows into one batch; every row ends at the last position, so answers are the last `n_answer` positions."
-    B, T, A = len(rows), max(len(r[0]) for r in rows), max(r[3] for r in rows)
+    B, T, A = len(rows), max(len(r.ids) for r in rows), max(r.n_answer for r in rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long); mask = torch.zeros(B, T, dtype=torch.long)
     hist_pos = torch.full(histories.shape, -1, dtype=torch.long)
-    cand_pos = torch.full(candidates.shape, -1, dtype=torch.long)
+    cand_pos, label_pos = (torch.full(candidates.shape, -1, dtype=torch.long) for _ in range(2))
     answer_mask = torch.zeros(B, A, dtype=torch.bool)
     shift = lambda ps, pad: torch.tensor([p + pad if p >= 0 else -1 for p in ps], dtype=torch.long)
-    for b, (ids, hist, cand, n_ans) in enumerate(rows):
-        pad = T - len(ids)
-        input_ids[b, pad:] = torch.tensor(ids); mask[b, pad:] = 1
-        hist_pos[b], cand_pos[b] = shift(hist, pad), shift(cand, pad)
-        if n_ans: answer_mask[b, A - n_ans:] = True
+    for b, r in enumerate(rows):
+        pad = T - len(r.ids)
+        input_ids[b, pad:] = torch.tensor(r.ids); mask[b, pad:] = 1
+        hist_pos[b], cand_pos[b] = shift(r.hist_pos, pad), shift(r.cand_pos, pad)
+        if r.label_pos: label_pos[b] = shift(r.label_pos, pad)
+        if r.n_answer: answer_mask[b, A - r.n_answer:] = True
+    target = torch.tensor([-1 if r.target is None else r.target for r in rows], dtype=torch.long)
     return dict(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
-                history=histories, hist_pos=hist_pos, candidates=candidates, cand_pos=cand_pos,
-                n_answer=A, answer_mask=answer_mask)
+                history=histories, hist_pos=hist_pos, candidates=candidates, cand_pos=cand_pos, label_pos=label_pos,
+                target=target, n_answer=A, answer_mask=answer_mask)
 
 # %% ../nbs/05_llm.ipynb #11760404
 TYPE_WORDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', tuple: 'a list of names'}
 AT_LEAST = dict(lora_r=1, d_model=1, n_blocks=1, n_heads=1, max_history=2, n_candidates=2, ppt_pairs=1, batch_size=1,
                 grad_accum=1, epochs=1, max_steps=1, train_examples=1, eval_examples=1, eval_batch_size=1,
-                max_new_tokens=1, checkpoint_every=1, valid_examples=0, warmup_steps=0, seed=0)
-ABOVE_ZERO = ('lr', 'grad_clip', 'lora_alpha')        # numbers that must be > 0
-NOT_NEGATIVE = ('weight_decay', 'ppt_weight')          # numbers that must be >= 0
-FRACTIONS = ('dropout', 'lora_dropout', 'drop_modality')   # probabilities in [0, 1]
-CHOICES = dict(dtype=('auto', 'float32', 'bfloat16'), sequence_features=('sasrec', 'zeros'))
+                max_new_tokens=1, checkpoint_every=1, valid_examples=0, warmup_steps=0, seed=0, curve_examples=1)
+ABOVE_ZERO = ('lr', 'grad_clip', 'lora_alpha', 'item_lr', 'minutes', 'curve_every')   # numbers that must be > 0
+NOT_NEGATIVE = ('weight_decay', 'ppt_weight', 'listwise_weight', 'spread_weight', 'letter_weight')   # >= 0
+FRACTIONS = ('dropout', 'lora_dropout', 'drop_modality', 'listwise_layer')          # in [0, 1]
+CHOICES = dict(dtype=('auto', 'float32', 'bfloat16'), sequence_features=('sasrec', 'zeros'),
+               token_scale=('rms', 'none'), mpo=('auto', 'on', 'off'))
 
 def _checked_value(name:str, hint, value):
     "`value` as field `name` of type `hint` holds it (ints become floats for float fields), or a `SpeederError`."
@@ -347,7 +366,8 @@ def _checked_value(name:str, hint, value):
     if hint is int and number and isinstance(value, int): return value
     if hint is float and number and math.isfinite(value): return float(value)
     if hint is str and isinstance(value, str): return value
-    if hint is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value): return tuple(value)
+    if hint is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
     raise SpeederError(f'{name} must be {TYPE_WORDS[hint]}{" or null" if optional else ""}, got {value!r}')
 
 @dataclass
@@ -357,6 +377,7 @@ class SpeederConfig:
     dataset:str = 'ml-100k'          # dataset name (see `load_dataset`)
     images:str|None = None           # Amazon: folder of item images named by item id
     skip_bad_images:bool = False     # mask unreadable item images out instead of failing
+    standardize_features:bool = True # standardise the feature tables with the training items' statistics
     # backbone and LoRA
     llm:str = 'smollm2'              # 'smollm2', 'tiny' (test stand-in) or a local folder / .gguf file
     lora_r:int = 8                   # LoRA rank
@@ -373,6 +394,7 @@ class SpeederConfig:
     use_gate:bool = True             # tanh gate on vision (MPO)
     drop_modality:float = 0.0        # each item's non-text modalities masked with this probability (fixed per item)
     sequence_features:str = 'sasrec' # 'sasrec' (train it if needed) or 'zeros'
+    token_scale:str = 'rms'          # 'rms': every item token at the word embeddings' RMS; 'none': MRC's raw output
     # SPAE and prompt
     max_history:int = 10             # history slots = number of position prompts
     n_candidates:int = 20            # candidates per prompt (must match the dataset's saved candidate sets)
@@ -381,18 +403,24 @@ class SpeederConfig:
     use_ppt:bool = True              # position proxy task on the LLM's last hidden states
     ppt_weight:float = 0.1           # weight of the PPT loss
     ppt_pairs:int = 8                # PPT pairs drawn per example
+    listwise_weight:float = 1.0      # weight of the listwise loss over the candidates' letters (0: off)
+    spread_weight:float = 1.0        # weight of the spread loss that keeps the batch's item tokens apart (0: off)
+    letter_weight:float = 1.0        # weight of the cross-entropy over the 20 letters at the answer position (0: off)
+    listwise_layer:float = 0.5       # the hidden state the listwise head reads, as a fraction of the LLM's depth
     # MPO
-    mpo:bool = True                  # the curriculum; False: one joint stage (the --no-mpo ablation)
+    mpo:str = 'auto'                 # the curriculum: 'on', 'off' (one joint stage), 'auto' (on when items have images)
     mpo_order:tuple = MODALITIES     # order in which modalities are introduced
     # optimisation
-    lr:float = 1e-3                  # peak learning rate (AdamW)
+    lr:float = 1e-3                  # peak learning rate of LoRA (AdamW)
+    item_lr:float|None = None        # peak learning rate of MRC, PPL and the heads (None: lr)
     weight_decay:float = 0.01        # AdamW weight decay (matrices only)
     warmup_steps:int = 10            # linear warm-up steps of each stage
     batch_size:int = 8               # examples per micro-batch (per process under torchrun)
     grad_accum:int = 1               # micro-batches per optimizer step
     epochs:int = 1                   # passes over the training examples when max_steps is None
     max_steps:int|None = None        # optimizer steps of the run, all stages together (None: from epochs)
-    train_examples:int|None = 1600   # random subsample of the training examples (None: all)
+    minutes:float|None = None        # train this many minutes: steps follow from timing a few (overrides max_steps)
+    train_examples:int|None = 20000  # random subsample of the training examples (None: all)
     grad_clip:float = 1.0            # clip the gradient norm to this
     seed:int = 0                     # seed of the data order, the initialisation, dropout and PPT pairs
     # evaluation and checkpoints
@@ -401,6 +429,8 @@ class SpeederConfig:
     max_new_tokens:int = 4           # tokens generated per answer
     valid_examples:int = 100         # valid examples scored after each MPO stage (0: none)
     checkpoint_every:int|None = 25   # a mid-stage checkpoint every n optimizer steps (None: stage ends only)
+    curve_every:float|None = 60.0    # seconds of training between two points of the valid curve (None: no curve)
+    curve_examples:int = 200         # valid users answered for each point of the curve
 
     def __post_init__(self):
         for f, hint in typing.get_type_hints(type(self)).items():
@@ -412,7 +442,8 @@ class SpeederConfig:
             v = getattr(self, k)
             if v is not None and v < low: raise SpeederError(f'{k} must be at least {low}, got {v}')
         for k in ABOVE_ZERO:
-            if getattr(self, k) <= 0: raise SpeederError(f'{k} must be above 0, got {getattr(self, k)}')
+            v = getattr(self, k)
+            if v is not None and v <= 0: raise SpeederError(f'{k} must be above 0, got {v}')
         for k in NOT_NEGATIVE:
             if getattr(self, k) < 0: raise SpeederError(f'{k} must be 0 or more, got {getattr(self, k)}')
         for k in FRACTIONS:
@@ -429,7 +460,8 @@ class SpeederConfig:
             raise SpeederError(f'modalities {list(self.modalities)}: use text plus any of {", ".join(MODALITIES[1:])} '
                                '(text is always on)')
         if sorted(self.mpo_order) != sorted(MODALITIES):
-            raise SpeederError(f'mpo_order must name each of {", ".join(MODALITIES)} once; got {",".join(self.mpo_order)}')
+            raise SpeederError(f'mpo_order must name each of {", ".join(MODALITIES)} once; '
+                               f'got {",".join(self.mpo_order)}')
         if len(self.labels) < self.n_candidates:
             raise SpeederError(f'{self.n_candidates} candidates need as many labels; got {self.labels!r}')
         if not self.lora_targets: raise SpeederError('lora_targets must name at least one linear layer')
@@ -455,6 +487,34 @@ class SpeederConfig:
 
 # %% ../nbs/05_llm.ipynb #7a3646af
 def _device_of(module:nn.Module)->torch.device: return next(module.parameters()).device
+
+LOSS_KEYS = ('loss', 'lm_loss', 'letter_loss', 'letter_acc', 'ppt_loss', 'ppt_acc', 'listwise_loss', 'listwise_acc',
+             'spread_loss')   # what forward returns
+
+def spread_loss(tokens:torch.Tensor, # (n, hidden) item tokens of distinct items
+               )->torch.Tensor:
+    "Squared norm of the mean of the unit item tokens: about their mean pairwise cosine, 1/n for spread-out items."
+    return F.normalize(tokens.float(), dim=-1).mean(0).pow(2).sum()
+
+def scale_to_rms(x:torch.Tensor, # (..., hidden) vectors
+                 rms:torch.Tensor|float, # the root mean square each vector gets
+                )->torch.Tensor:
+    "Every vector rescaled to root mean square `rms` (its direction is kept)."
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12) * rms
+
+class ListwiseHead(nn.Module):
+    "Scores each candidate from the LLM's hidden state at its letter: LayerNorm, then a linear map to one number."
+    def __init__(self, hidden:int, # the LLM's hidden size
+                ):
+        super().__init__()
+        self.norm, self.score = nn.LayerNorm(hidden), nn.Linear(hidden, 1)
+
+    def forward(self, hidden_states:torch.Tensor, # (B, T, hidden) one layer's hidden states
+                positions:torch.Tensor, # (B, C) where each candidate's letter is
+               )->torch.Tensor:
+        "(B, C) one score per candidate."
+        h = hidden_states.gather(1, positions[..., None].expand(-1, -1, hidden_states.shape[-1])).float()
+        return self.score(self.norm(h)).squeeze(-1)
 
 class SpeederRecommender(nn.Module):
     "Item feature tables → MRC (+ PPL) → one token per item → LoRA-tuned causal LM; PPT on its last hidden states."
@@ -482,6 +542,10 @@ class SpeederRecommender(nn.Module):
         self.mrc = item_encoder or MRC(features.dims, cfg.d_model, self.hidden, cfg.n_blocks, cfg.n_heads, cfg.dropout)
         self.ppl = PositionPrompt(cfg.max_history, self.hidden)
         self.ppt_head = PositionProxyHead(self.hidden, cfg.max_history)
+        self.listwise_head = ListwiseHead(self.hidden)
+        self.listwise_index = round(cfg.listwise_layer * llm.config.num_hidden_layers)   # 0: embeddings, L: last block
+        words = llm.get_input_embeddings().weight.detach().float()
+        self.register_buffer('word_rms', words.pow(2).mean().sqrt(), persistent=False)
         self.llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         self.prompt = prompt(tok) if prompt else SpeederPrompt(tok, cfg.n_candidates, cfg.labels)
         self._keep_logits = 'logits_to_keep' in inspect.signature(self.llm.get_base_model().forward).parameters
@@ -509,6 +573,7 @@ class SpeederRecommender(nn.Module):
         kept = self.modality_kept[real]
         present = dict(text=ones, vision=self.vision_present[real] & kept[:, 1], sequence=kept[:, 2])
         out = self.mrc(feats, present, active=tuple(active or self.cfg.modalities), use_gate=self.cfg.use_gate)
+        if self.cfg.token_scale == 'rms': out = scale_to_rms(out, self.word_rms)
         table = torch.cat([out.new_zeros(1, out.shape[-1]), out]) if (uniq == 0).any() else out
         return table[inv].reshape(*item_ids.shape, -1)
 
@@ -527,8 +592,8 @@ class SpeederRecommender(nn.Module):
         present = hist > 0
         if hist.shape[1] > self.cfg.max_history:
             raise SpeederError(f'a history has {hist.shape[1]} slots but there are {self.cfg.max_history} position '
-                               f'prompts (max_history); keep the most recent items (histories[:, -{self.cfg.max_history}:]) '
-                               'or raise max_history')
+                               f'prompts (max_history); keep the most recent items '
+                               f'(histories[:, -{self.cfg.max_history}:]) or raise max_history')
         tokens = self.item_tokens(torch.cat([hist, cand], 1), active)
         th, tc = tokens[:, :hist.shape[1]], tokens[:, hist.shape[1]:]
         if self.cfg.use_ppl: th = self.ppl(th, present)
@@ -553,22 +618,47 @@ class SpeederRecommender(nn.Module):
                 active:tuple|None=None, # modalities MRC uses
                 generator:torch.Generator|None=None, # randomness of the PPT pairs
                )->dict:
-        "Losses of a training batch: `loss`, `lm_loss` (answer tokens only), `ppt_loss`, `ppt_acc`."
-        A = batch['n_answer']
+        "Losses of a training batch (`loss`, `lm_loss`, `ppt_loss`, `listwise_loss`) and accuracies (`LOSS_KEYS`)."
+        A, cfg = batch['n_answer'], self.cfg
         if not A: raise SpeederError('forward needs a batch built with targets (the answer is what the LM loss is on)')
         E = self.embed(batch, active)
-        out = self.lm(E, batch, keep=A + 1, output_hidden_states=self.cfg.use_ppt)
+        listwise = cfg.listwise_weight > 0 and bool((batch['label_pos'] >= 0).all())   # text prompts have no letters
+        out = self.lm(E, batch, keep=A + 1, output_hidden_states=cfg.use_ppt or listwise)
         answer, on = batch['input_ids'][:, -A:].to(self.device), batch['answer_mask'].to(self.device)
         lm_loss = F.cross_entropy(out.logits[:, :A][on].float(), answer[on])   # answers may differ in length: masked
         zero = lm_loss.new_zeros(())
-        if not self.cfg.use_ppt: return dict(loss=lm_loss, lm_loss=lm_loss, ppt_loss=zero, ppt_acc=zero)
-        hp = batch['hist_pos'].to(self.device)
-        h = out.hidden_states[-1].float()
-        h_hist = h.gather(1, hp.clamp_min(0)[..., None].expand(-1, -1, h.shape[-1]))
-        ppt_loss, ppt_acc = position_proxy_loss(h_hist, hp >= 0, self.ppt_head, self.cfg.ppt_pairs, generator)
-        ppt_acc = 0.0 if math.isnan(ppt_acc) else ppt_acc   # nan: no history in the batch had two items
-        return dict(loss=spae_total_loss(lm_loss, ppt_loss, self.cfg.ppt_weight), lm_loss=lm_loss,
-                    ppt_loss=ppt_loss, ppt_acc=torch.tensor(ppt_acc))
+        res = dict(lm_loss=lm_loss, ppt_loss=zero, ppt_acc=zero, listwise_loss=zero, listwise_acc=zero,
+                   spread_loss=zero, **self._letter_choice(out, batch))
+        loss = lm_loss + cfg.letter_weight * res['letter_loss']
+        if cfg.spread_weight > 0 and (batch['cand_pos'] >= 0).any():   # text prompts have no item tokens to keep apart
+            ids = torch.cat([batch['history'], batch['candidates']], 1).to(self.device).unique()
+            res['spread_loss'] = spread_loss(self.item_tokens(ids[ids > 0], active))
+            loss = loss + cfg.spread_weight * res['spread_loss']
+        if cfg.use_ppt:
+            hp = batch['hist_pos'].to(self.device)
+            h = out.hidden_states[-1].float()
+            h_hist = h.gather(1, hp.clamp_min(0)[..., None].expand(-1, -1, h.shape[-1]))
+            ppt_loss, ppt_acc = position_proxy_loss(h_hist, hp >= 0, self.ppt_head, cfg.ppt_pairs, generator)
+            ppt_acc = 0.0 if math.isnan(ppt_acc) else ppt_acc   # nan: no history in the batch had two items
+            loss = spae_total_loss(loss, ppt_loss, cfg.ppt_weight)
+            res.update(ppt_loss=ppt_loss, ppt_acc=torch.tensor(ppt_acc))
+        if listwise:
+            scores = self.listwise_head(out.hidden_states[self.listwise_index], batch['label_pos'].to(self.device))
+            target = batch['target'].to(self.device)
+            lw_loss = F.cross_entropy(scores, target)
+            loss = loss + cfg.listwise_weight * lw_loss
+            res.update(listwise_loss=lw_loss, listwise_acc=(scores.argmax(1) == target).float().mean())
+        return dict(res, loss=loss)
+
+    def _letter_choice(self, out, batch)->dict:
+        ("Cross-entropy of the target among the 20 letters at the answer position, "
+         "and how often it is first (0: text prompts).")
+        if not self.prompt.can_score or (batch['target'] < 0).any():
+            zero = torch.zeros((), device=self.device); return dict(letter_loss=zero, letter_acc=zero)
+        letters = out.logits[:, 0].float()[:, torch.tensor(self.prompt.label_ids, device=self.device)]
+        target = batch['target'].to(self.device)
+        return dict(letter_loss=F.cross_entropy(letters, target),
+                    letter_acc=(letters.argmax(1) == target).float().mean())
 
 # %% ../nbs/05_llm.ipynb #f7b8b79f
 def random_features(n_items:int=60, # items (row 0 is added for padding)
@@ -584,8 +674,8 @@ def random_features(n_items:int=60, # items (row 0 is added for padding)
     t['vision'][~present] = 0
     return ItemFeatures(t['text'], t['vision'], present, t['sequence'])
 
-# %% ../nbs/05_llm.ipynb #10269d47
-PARAM_GROUPS = ('text', 'vision', 'sequence', 'shared', 'ppl', 'ppt', 'lora')   # named trainable parts of the model
+# %% ../nbs/05_llm.ipynb #a91729f6
+PARAM_GROUPS = ('text', 'vision', 'sequence', 'shared', 'ppl', 'ppt', 'listwise', 'lora')   # named trainable parts
 
 def group_parameters(model:SpeederRecommender, # the model
                      group:str, # one of `PARAM_GROUPS`
@@ -595,6 +685,7 @@ def group_parameters(model:SpeederRecommender, # the model
     if group == 'shared': return model.mrc.shared_parameters()
     if group == 'ppl': return list(model.ppl.parameters())
     if group == 'ppt': return list(model.ppt_head.parameters())
+    if group == 'listwise': return list(model.listwise_head.parameters())
     if group == 'lora': return [p for n, p in model.llm.named_parameters() if 'lora_' in n]
     raise SpeederError(f'unknown parameter group {group!r}; known: {", ".join(PARAM_GROUPS)}')
 
@@ -695,7 +786,8 @@ def evaluate(model:SpeederRecommender, # the recommender
     "Metrics of one answer mode on a split, with timing; under torchrun the examples are shared out and gathered."
     check_mode(mode)
     if split.candidates is None: raise SpeederError('this split has no saved candidates; evaluate on valid or test')
-    if max_examples is not None and max_examples < 1: raise SpeederError(f'max_examples must be at least 1, got {max_examples}')
+    if max_examples is not None and max_examples < 1:
+        raise SpeederError(f'max_examples must be at least 1, got {max_examples}')
     n = len(split) if max_examples is None else min(max_examples, len(split))
     mine = np.array_split(np.arange(n), world_size())[rank()]   # one process: every example
     t0 = time.time()
@@ -724,7 +816,8 @@ def total_steps(cfg:SpeederConfig, # `max_steps`, or `epochs` with the batch set
                 n_examples:int, # training examples
                )->int:
     "Optimizer steps of a run: `max_steps`, else `epochs` passes over the examples at the global batch size."
-    return cfg.max_steps or max(1, cfg.epochs * math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum * world_size())))
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size()
+    return cfg.max_steps or max(1, cfg.epochs * math.ceil(n_examples / global_batch))
 
 def training_split(ds, # a `Dataset`
                    n_examples:int|None=None, # random subsample (None: all training examples)
@@ -739,40 +832,50 @@ def training_split(ds, # a `Dataset`
     sub.candidates = sample_candidates(sub, ds.sequences, ds.n_items, n_candidates, seed)
     return sub
 
+def _optimizer(model:SpeederRecommender, params:list, cfg:SpeederConfig)->torch.optim.AdamW:
+    "AdamW with LoRA at `lr` and everything else (MRC, PPL, heads) at `item_lr`; no weight decay on vectors."
+    lora = {id(p) for p in group_parameters(model, 'lora')}
+    groups = []
+    for peak, ps in ((cfg.lr, [p for p in params if id(p) in lora]),
+                     (cfg.item_lr or cfg.lr, [p for p in params if id(p) not in lora])):
+        groups += [dict(params=[p for p in ps if p.dim() >= 2], weight_decay=cfg.weight_decay, peak_lr=peak),
+                   dict(params=[p for p in ps if p.dim() < 2], weight_decay=0.0, peak_lr=peak)]
+    return torch.optim.AdamW([g for g in groups if g['params']], lr=cfg.lr)
+
 def fit(model:SpeederRecommender, # the recommender
         examples:Split, # training examples with candidates (see `training_split`)
-        cfg:SpeederConfig|None=None, # optimisation settings (default `model.cfg`); under torchrun `batch_size` is per rank
+        cfg:SpeederConfig|None=None, # optimisation settings (default `model.cfg`); torchrun: `batch_size` per rank
         params:list|None=None, # parameters to train (default: every trainable one)
         active:tuple|None=None, # modalities MRC uses (default `cfg.modalities`)
         json_progress:bool=False, # one JSON line per log step on stderr instead of a progress bar
         log_every:int=10, # steps between JSON progress lines
         state:dict|None=None, # continue from `get_state()` of an interrupted call with the same arguments
-        on_step=None, # called as on_step(steps_done, get_state) after every optimizer step (checkpoints)
+        on_step=None, # called as on_step(steps_done, get_state, record) after every optimizer step
        )->list[dict]:
-    "Train with AdamW + warm-up/cosine; returns one record per optimizer step. Under torchrun: DDP, each rank its slice."
+    "Train with AdamW + warm-up/cosine; one record per optimizer step. Under torchrun: DDP, each rank its slice."
     cfg = cfg or model.cfg
     if examples.candidates is None: raise SpeederError('training examples need candidate sets (see training_split)')
     R, W = rank(), world_size()
     torch.manual_seed(rank_seed(cfg.seed)); rng = np.random.default_rng(cfg.seed)   # the same data order on every rank
     gen = torch.Generator(device=model.device).manual_seed(rank_seed(cfg.seed))
     params = [p for p in (params or model.trainable_parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-                             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)], lr=cfg.lr)
+    opt = _optimizer(model, params, cfg)
     per_step = cfg.batch_size * cfg.grad_accum * W   # examples per optimizer step, all ranks together
     total = total_steps(cfg, len(examples))
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(total * per_step / len(examples)))])
-    history, start, t0 = [], 0, time.time()
+    history, start, trained_s = [], 0, 0.0
     if state is not None:   # resume: same data order (a function of the seed), restored optimizer and random states
         opt.load_state_dict(state['tensors']['optimizer']); restore_rng_state(state['tensors']['rng'], gen)
         history, start = list(state['history']), len(state['history'])
-        t0 -= history[-1]['seconds'] if history else 0.0
+        trained_s = history[-1]['seconds'] if history else 0.0
     get_state = lambda: dict(tensors=dict(optimizer=opt.state_dict(), rng=rng_state(gen)), history=list(history))
     net = ddp(model)   # `model` itself in a single process
     model.train()
     bar = progress(range(start, total), desc='fit', disable=json_progress or R > 0, initial=start, total=total)
     for step in bar:
-        for g in opt.param_groups: g['lr'] = lr_at(step, cfg.lr, cfg.warmup_steps, total)
-        rec = dict(loss=0.0, lm_loss=0.0, ppt_loss=0.0, ppt_acc=0.0)
+        t_step = time.time()
+        for g in opt.param_groups: g['lr'] = lr_at(step, g['peak_lr'], cfg.warmup_steps, total)
+        rec = dict.fromkeys(LOSS_KEYS, 0.0)
         for a in range(cfg.grad_accum):
             idx = rank_slice(order, step * cfg.grad_accum + a, cfg.batch_size, R, W)   # this rank's block of the batch
             batch = model.prompt.batch(examples.histories[idx], examples.candidates[idx], examples.targets[idx])
@@ -783,17 +886,48 @@ def fit(model:SpeederRecommender, # the recommender
         rec = mean_over_ranks(rec)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step(); opt.zero_grad(set_to_none=True)
-        secs = time.time() - t0
-        rec.update(step=step + 1, lr=opt.param_groups[0]['lr'], grad_norm=float(gnorm), seconds=secs,
-                   examples_per_s=(step + 1) * per_step / secs)
+        step_s = time.time() - t_step; trained_s += step_s   # training time only: checkpoints and curves not counted
+        rec.update(step=step + 1, lr=opt.param_groups[0]['lr'], grad_norm=float(gnorm), step_s=step_s,
+                   seconds=trained_s, examples_per_s=(step + 1) * per_step / trained_s)
         history.append(rec)
         if json_progress and R == 0 and ((step + 1) % log_every == 0 or step + 1 == total):
             log(json.dumps({k: round(v, 4) for k, v in rec.items()}))
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", ppt=f"{rec['ppt_loss']:.3f}", ex_s=f"{rec['examples_per_s']:.1f}",
-                        refresh=False)
-        if on_step is not None: on_step(step + 1, get_state)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", letter=f"{rec['letter_acc']:.2f}",
+                        ex_s=f"{rec['examples_per_s']:.1f}", refresh=False)
+        if on_step is not None: on_step(step + 1, get_state, rec)
     model.eval()
     return history
+
+# %% ../nbs/05_llm.ipynb #0ba02fbd
+SUMMARY_KEYS = ('lm_loss', 'letter_acc', 'listwise_acc', 'ppt_acc', 'seconds')   # what `history_summary` keeps
+
+def history_summary(history:list, # `fit`'s per-step records
+                    n_points:int=60, # windows to average over
+                   )->list[dict]:
+    "Window means of a training history (step = the window's last step): small enough to keep with a run's metrics."
+    if not history: return []
+    edges = np.unique(np.linspace(0, len(history), min(n_points, len(history)) + 1).astype(int))
+    mean = lambda k, a, b: float(np.mean([r.get(k, 0.0) for r in history[a:b]]))
+    return [dict(step=history[b - 1]['step'], **{k: mean(k, a, b) for k in SUMMARY_KEYS})
+            for a, b in zip(edges[:-1], edges[1:])]
+
+def plot_choice_learning(history:list, # per-step records or `history_summary` (step, lm_loss, letter_acc, listwise_acc)
+                         title:str='learning to choose', # the figure's title
+                        )->'plt.Figure':
+    "The listwise head's and the answer letter's accuracy over the 20 candidates, and the LM loss, over training."
+    import matplotlib.pyplot as plt
+    h = history_summary(history, 60) if len(history) > 60 else history
+    steps = [r['step'] for r in h]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(steps, [r['listwise_acc'] for r in h], color='C2', label='listwise head: target scored first')
+    ax.plot(steps, [r['letter_acc'] for r in h], color='C0', label="answer: target's letter first")
+    ax.axhline(1 / 20, ls=':', color='gray', label='chance (1/20)')
+    ax.set(xlabel='optimizer step', ylabel='accuracy over the 20 candidates', ylim=(0, 1))
+    ax2 = ax.twinx(); ax2.plot(steps, [r['lm_loss'] for r in h], color='C3', alpha=0.6, label='LM loss (right)')
+    ax2.set_ylabel('LM loss (answer tokens)')
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc='upper right'); ax.set_title(title, fontsize=10)
+    fig.tight_layout(); return fig
 
 # %% ../nbs/05_llm.ipynb #b3828f86
 def toy_split(n:int=8, # examples
@@ -807,6 +941,86 @@ def toy_split(n:int=8, # examples
         k = rng.integers(3, 11); hist[r, 10 - k:] = rng.choice(np.arange(1, n_items + 1), k, replace=False)
     cands = np.stack([rng.choice(np.arange(1, n_items + 1), 20, replace=False) for _ in range(n)])
     return Split(np.arange(n), hist, cands[np.arange(n), rng.integers(0, 20, n)], cands)
+
+# %% ../nbs/05_llm.ipynb #644dc0a2
+def time_per_step(model:SpeederRecommender, # the recommender, with what trains set trainable
+                  examples:Split, # training examples with candidates
+                  cfg:SpeederConfig|None=None, # batch settings (default `model.cfg`)
+                  n:int=3, # timed steps (after one untimed step)
+                  active:tuple|None=None, # modalities MRC uses
+                 )->float:
+    "Seconds of one training step (forward and backward of `grad_accum` batches), measured without changing anything."
+    cfg = cfg or model.cfg
+    idx = np.random.default_rng(cfg.seed).permutation(len(examples))
+    times = []
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == 'cuda' else []):
+        model.train()
+        for i in range(n + 1):
+            t0 = time.time()
+            for a in range(cfg.grad_accum):
+                rows = idx[((i * cfg.grad_accum + a) * cfg.batch_size) % len(idx):][:cfg.batch_size]
+                batch = model.prompt.batch(examples.histories[rows], examples.candidates[rows], examples.targets[rows])
+                with autocast(model.device): out = model(batch, active)
+                out['loss'].backward()
+            if model.device.type == 'cuda': torch.cuda.synchronize(model.device)
+            if i: times.append(time.time() - t0)
+        model.zero_grad(set_to_none=True); model.eval()
+    return mean_over_ranks(dict(s=float(np.mean(times))))['s']
+
+def steps_for_minutes(minutes:float, # training time to fill
+                      seconds_per_step:float, # from `time_per_step`
+                     )->int:
+    "Optimizer steps that fill `minutes` of training (at least one)."
+    return max(1, int(minutes * 60 / seconds_per_step))
+
+# %% ../nbs/05_llm.ipynb #d94e1946
+@torch.no_grad()
+def token_stats(model:SpeederRecommender, # the recommender
+                items:torch.Tensor, # item ids to measure (a fixed set)
+                active:tuple|None=None, # modalities MRC uses
+               )->dict:
+    "Item tokens' RMS (against the word embeddings') and mean pairwise cosine: how far apart the items are."
+    was = model.training; model.eval()
+    x = model.item_tokens(torch.as_tensor(items), active).float()
+    model.train(was)
+    c = F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T
+    n = len(x)
+    return dict(token_rms=x.pow(2).mean().sqrt().item(), word_rms=model.word_rms.item(),
+                token_cos=((c.sum() - c.diagonal().sum()) / (n * (n - 1))).item())
+
+class ValidCurve:
+    "Valid HR@1 and item-token statistics against seconds of training: a point at the start, then every `every` s."
+    def __init__(self, model:SpeederRecommender, # the recommender being trained
+                 split:Split, # the valid split (with its saved candidates)
+                 n_examples:int=200, # valid users answered for each point
+                 every:float=60.0, # seconds of training between two points
+                 points:list|None=None, # points of an earlier part of the same run (resume)
+                 n_items:int=200, # items whose tokens are measured
+                ):
+        self.model, self.split, self.n_examples, self.every = model, split, n_examples, every
+        self.points = list(points or [])
+        self.mode = SCORE if model.prompt.can_score else GENERATE
+        n_all = len(model.text_table) - 1
+        drawn = np.random.default_rng(0).choice(np.arange(1, n_all + 1), min(n_items, n_all), replace=False)
+        self.items = torch.as_tensor(np.sort(drawn))
+
+    def add(self, step:int, # optimizer steps done
+            seconds:float, # seconds of training done
+            active:tuple|None=None, # modalities MRC uses at this point
+            **extra, # more numbers to keep with the point (e.g. the stage, letter and listwise accuracy)
+           )->dict:
+        "Measure one point now."
+        t0 = time.time()
+        m = evaluate(self.model, self.split, self.mode, self.n_examples, active=active)
+        point = dict(step=step, seconds=seconds, mode=self.mode, hr1=m['vhr1'], hr5=m.get('hr5'), n=m['n'],
+                     **token_stats(self.model, self.items, active), eval_s=time.time() - t0, **extra)
+        self.points.append(point)
+        return point
+
+    def due(self, seconds:float, # seconds of training done
+           )->bool:
+        "Is a point due (the first one, or `every` seconds after the last)?"
+        return not self.points or seconds >= self.points[-1]['seconds'] + self.every
 
 # %% ../nbs/05_llm.ipynb #30bbe047
 REORDERINGS = ('shuffle', 'reverse')   # how `reorder_histories` can reorder a history
@@ -843,12 +1057,12 @@ def order_sensitivity(model:SpeederRecommender, # the recommender
     return res
 
 # %% ../nbs/05_llm.ipynb #0c9f38b7
-TRAINED_MODULES = ('mrc', 'ppl', 'ppt_head')   # the model's own trainable modules (LoRA is saved by peft)
+TRAINED_MODULES = ('mrc', 'ppl', 'ppt_head', 'listwise_head')   # the model's own trainable modules (peft saves LoRA)
 
 def save_weights(model:SpeederRecommender, # the recommender
                  folder:str|Path, # where to write `lora/` and `modules.pt`
                 ):
-    "Trainable weights only: the LoRA adapter (peft `save_pretrained`) and MRC, PPL and PPT head (never the backbone)."
+    "Trainable weights only: the LoRA adapter (peft `save_pretrained`), MRC, PPL and the heads (never the backbone)."
     folder = Path(folder)
     model.llm.save_pretrained(str(folder/'lora'))
     torch.save({k: getattr(model, k).state_dict() for k in TRAINED_MODULES}, folder/'modules.pt')
@@ -862,11 +1076,12 @@ def load_weights(model:SpeederRecommender, # a model built with the same config
     if not (folder/'lora'/'adapter_model.safetensors').is_file() or not (folder/'modules.pt').is_file():
         raise SpeederError(f'{folder} holds no saved weights (lora/adapter_model.safetensors and modules.pt)')
     try: modules = torch.load(folder/'modules.pt', map_location=model.device, weights_only=True)
-    except Exception as e: raise SpeederError(f'{folder/"modules.pt"} cannot be loaded as tensors: {first_line(e)}') from None
+    except Exception as e:
+        raise SpeederError(f'{folder/"modules.pt"} cannot be loaded as tensors: {first_line(e)}') from None
     out = modules.get('mrc', {}).get('output_adapter.3.weight') if isinstance(modules, dict) else None
     if out is not None and out.shape[0] != model.hidden:
-        raise SpeederError(f'{folder} was made with a backbone of hidden size {out.shape[0]}, but {model.cfg.llm!r} has '
-                           f'{model.hidden}; use the backbone the run was made with')
+        raise SpeederError(f'{folder} was made with a backbone of hidden size {out.shape[0]}, '
+                           f'but {model.cfg.llm!r} has {model.hidden}; use the backbone the run was made with')
     try:
         set_peft_model_state_dict(model.llm, load_peft_weights(str(folder/'lora'), device=str(model.device)))
         for k in TRAINED_MODULES: getattr(model, k).load_state_dict(modules[k])

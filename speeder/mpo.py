@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 from .data import SpeederError, Split
 from .mrc import MODALITIES
-from .llm import (SpeederRecommender, PARAM_GROUPS, ANSWER_MODES, set_trainable, fit, evaluate)
+from .llm import SpeederRecommender, PARAM_GROUPS, ANSWER_MODES, ValidCurve, set_trainable, fit, evaluate
 from .dist import is_main, log_main
 
 # %% auto #0
@@ -35,7 +35,7 @@ STAGE_SHARES = dict(first=0.4, second=0.2, joint=0.4)   # shares of the steps be
 def mpo_stages(modalities:tuple=MODALITIES, # modalities the run uses
                has_images:bool=True, # does the dataset have any item image?
                order:tuple=MODALITIES, # order in which modalities are introduced
-               mpo:bool=True, # False: one joint stage (the `--no-mpo` ablation)
+               mpo:str='auto', # 'on': the curriculum; 'off': one joint stage (`--no-mpo`); 'auto': on with images
               )->tuple[list, list]:
     "The stages of a run, and notes on what was skipped and why."
     notes = []
@@ -45,10 +45,14 @@ def mpo_stages(modalities:tuple=MODALITIES, # modalities the run uses
     if sorted(order) != sorted(MODALITIES):
         raise SpeederError(f'--mpo-order must name each of {", ".join(MODALITIES)} once; got {",".join(order)}')
     every = tuple(PARAM_GROUPS)
-    if not mpo: return [MPOStage('joint', tuple(usable), every, 1.0)], notes + ['MPO off: one joint stage']
+    if mpo == 'off': return [MPOStage('joint', tuple(usable), every, 1.0)], notes + ['MPO off: one joint stage']
+    if mpo == 'auto' and not has_images:
+        return [MPOStage('joint', tuple(usable), every, 1.0)], notes + [
+            "MPO 'auto' without item images: one joint stage "
+            "(a text-only first stage learns nothing here; mpo=on forces it)"]
     seq = [m for m in order if m in usable]
     with_text = lambda *ms: tuple(m for m in MODALITIES if m in ('text',) + ms)
-    base = ('shared', 'ppl', 'ppt', 'lora')
+    base = ('shared', 'ppl', 'ppt', 'listwise', 'lora')
     stages = [MPOStage(seq[0], with_text(seq[0]), (seq[0],) + base, STAGE_SHARES['first'])]
     if len(seq) == 3: stages.append(MPOStage(seq[1], with_text(seq[0], seq[1]), (seq[1],), STAGE_SHARES['second']))
     stages.append(MPOStage('joint', with_text(*seq), every, STAGE_SHARES['joint']))
@@ -75,9 +79,10 @@ def _stage_record(model, stage, i, steps, hist, secs, valid, valid_examples):
             res[f'valid_{mode}'] = {k: m[k] for k in ('hr1', 'valid_ratio', 'vhr1') if k in m}
     return res
 
-def new_stage_state()->dict:
+def new_stage_state(total_steps:int, # optimizer steps of all stages together
+                   )->dict:
     "The state of a run that has not trained yet."
-    return dict(stage=0, fit_state=None, stage_results=[], history=[], gates=[])
+    return dict(stage=0, fit_state=None, stage_results=[], history=[], gates=[], curve=[], total_steps=total_steps)
 
 def train_stages(model:SpeederRecommender, # the recommender
                  examples:Split, # training examples with candidates
@@ -86,26 +91,35 @@ def train_stages(model:SpeederRecommender, # the recommender
                  valid:Split|None=None, # valid split for the metrics after each stage (None: none)
                  valid_examples:int=100, # first n valid examples scored after each stage
                  checkpoint_every:int|None=None, # a mid-stage state every n steps (None: stage ends only)
-                 state:dict|None=None, # a state handed out earlier, to continue from
+                 state:dict|None=None, # a state handed out earlier, to continue from (its step count wins)
                  save=None, # called as save(name, state) at the end of each stage and every `checkpoint_every` steps
                  json_progress:bool=False, # JSON progress lines instead of progress bars
                  stop_after:int|None=None, # raise `RunInterrupted` after this many steps (tests)
+                 curve_every:float|None=None, # seconds of training between two points of the valid curve (None: none)
+                 curve_examples:int=200, # valid users answered for each point of the curve
                 )->dict:
-    "Train MPO stages in order (continuing from `state`); returns the final state (stage results, history, gates)."
-    steps = stage_steps(stages, total_steps)
-    st = state or new_stage_state()
+    "Train MPO stages in order (continuing from `state`); the final state (stage results, history, gates, curve)."
+    st = state or new_stage_state(total_steps)
+    steps = stage_steps(stages, st['total_steps'])
     done = sum(steps[:st['stage']]) + (len(st['fit_state']['history']) if st['fit_state'] else 0)
+    curve = ValidCurve(model, valid, curve_examples, curve_every, st['curve']) if curve_every and valid else None
+    before = lambda i: sum(r['step_s'] for r in st['history'])   # training seconds of the stages before stage i
     for i in range(st['stage'], len(stages)):
         stage = stages[i]
         params = set_trainable(model, stage.train)
         cfg = replace(model.cfg, max_steps=steps[i], lr=stage.lr or model.cfg.lr, seed=model.cfg.seed + i)
         log_main(f'MPO stage {i + 1}/{len(stages)} "{stage.name}": active={",".join(stage.active)} '
                  f'train={",".join(stage.train)} steps={steps[i]} ({sum(p.numel() for p in params):,} parameters)')
-        def on_step(step, get_state):
+        if curve and curve.due(0.0) and done == 0: curve.add(0, 0.0, stage.active, stage=stage.name)
+        def on_step(step, get_state, record):
             nonlocal done
             done += 1; st['gates'].append(model.mrc.gate)
+            seconds = before(i) + record['seconds']
+            if curve and (curve.due(seconds) or done == sum(steps)):
+                curve.add(done, seconds, stage.active, stage=stage.name, letter_acc=record['letter_acc'],
+                          listwise_acc=record['listwise_acc'], lm_loss=record['lm_loss'])
             if save and checkpoint_every and done % checkpoint_every == 0 and step < steps[i]:
-                save(f'step-{done:06d}', dict(st, stage=i, fit_state=get_state()))
+                save(f'step-{done:06d}', dict(st, stage=i, fit_state=get_state(), curve=curve.points if curve else []))
             if stop_after is not None and done >= stop_after: raise RunInterrupted(f'stopped after {done} steps')
         t0 = time.time()
         hist = fit(model, examples, cfg, params, active=stage.active, json_progress=json_progress,
@@ -114,7 +128,8 @@ def train_stages(model:SpeederRecommender, # the recommender
         log_main(f'MPO stage "{stage.name}" done: gate={rec["gate"]:.4f} '
                  + ' '.join(f'{k}={v}' for k, v in rec.items() if k.startswith('valid')))
         st = dict(st, stage=i + 1, fit_state=None, stage_results=st['stage_results'] + [rec],
-                  history=st['history'] + [dict(r, stage=stage.name) for r in hist])
+                  history=st['history'] + [dict(r, stage=stage.name) for r in hist],
+                  curve=curve.points if curve else [])
         if save: save(f'stage-{i}-{stage.name}', st)
     set_trainable(model, PARAM_GROUPS)
     return st

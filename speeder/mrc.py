@@ -25,19 +25,27 @@ class ModalityAdapter(nn.Module):
                 ):
         super().__init__()
         self.in_dim, self.d_model = in_dim, d_model
-        self.net = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, d_model))
+        self.net = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(d_model, d_model))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x): return self.norm(self.net(x))
+    def forward(self, x # (*, in_dim) features of this modality
+               ):
+        "The modality token `(*, d_model)`."
+        return self.norm(self.net(x))
 
 # %% ../nbs/03_mrc.ipynb #bcdc3da1
 class ModalityAttention(nn.Module):
     "Multi-head attention among one item's modality tokens; the vision token can enter through a gated residual."
-    def __init__(self, d_model:int, n_heads:int=4, dropout:float=0.1):
+    def __init__(self, d_model:int, # width of the modality tokens
+                 n_heads:int=4, # attention heads; must divide d_model
+                 dropout:float=0.1, # dropout on the attention output
+                ):
         super().__init__()
         if d_model % n_heads: raise SpeederError(f'd_model={d_model} is not divisible by n_heads={n_heads}')
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.qkv, self.proj, self.drop = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model), nn.Dropout(dropout)
+        self.qkv, self.proj, self.drop = (nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model),
+                                          nn.Dropout(dropout))
 
     def forward(self, x:torch.Tensor, # (B, M, d) normalised modality tokens
                 present:torch.Tensor, # (B, M) bool, False = the item lacks this modality (masked as a key)
@@ -56,8 +64,9 @@ class ModalityAttention(nn.Module):
             w_blind = s_blind.masked_fill(~present[:, None, None, nv], float('-inf')).softmax(-1)
             o_blind = w_blind @ v.index_select(2, nv)                                              # (B, h, |N|, hd)
             o_nv = o_blind + tau[:, None, None, None] * (out.index_select(2, nv) - o_blind)         # gated residual
-            out = out.index_copy(2, nv, o_nv.to(out.dtype))                                        # vision row keeps `out`
-            w_blind = torch.zeros(B, self.n_heads, len(nv), M, dtype=weights.dtype, device=x.device).index_copy(3, nv, w_blind)
+            out = out.index_copy(2, nv, o_nv.to(out.dtype))                                        # vision keeps `out`
+            w_blind = torch.zeros(B, self.n_heads, len(nv), M, dtype=weights.dtype,
+                                  device=x.device).index_copy(3, nv, w_blind)
             t = tau[:, None, None, None]
             weights = weights.index_copy(2, nv, ((1 - t) * w_blind + t * weights.index_select(2, nv)).to(weights.dtype))
         y = self.proj(out.transpose(1, 2).reshape(B, M, d))
@@ -66,11 +75,17 @@ class ModalityAttention(nn.Module):
 # %% ../nbs/03_mrc.ipynb #cb3f6515
 class ModalityExpert(nn.Module):
     "The feed-forward expert of one modality: LN -> Linear(d, mult*d) -> GELU -> Linear(mult*d, d) -> Dropout."
-    def __init__(self, d_model:int, mult:int=4, dropout:float=0.1):
+    def __init__(self, d_model:int, # width of the modality tokens
+                 mult:int=4, # hidden width = mult * d_model
+                 dropout:float=0.1, # dropout on the output
+                ):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, mult * d_model), nn.GELU(),
                                  nn.Linear(mult * d_model, d_model), nn.Dropout(dropout))
-    def forward(self, x): return self.net(x)
+    def forward(self, x # (*, d_model) tokens of this expert's modality
+               ):
+        "The expert's output `(*, d_model)` (the caller adds it to `x`)."
+        return self.net(x)
 
 class MoMEBlock(nn.Module):
     "Modality tokens attend to each other, then each goes through the FFN expert of its own modality (hard routing)."
@@ -99,18 +114,24 @@ class MoMEBlock(nn.Module):
 
 class MoME(nn.Module):
     "A stack of `MoMEBlock`s (Mixture of Modality Experts)."
-    def __init__(self, d_model:int=256, n_blocks:int=1, n_heads:int=4, dropout:float=0.1,
+    def __init__(self, d_model:int=256, # width of the modality tokens
+                 n_blocks:int=1, # `MoMEBlock`s in the stack
+                 n_heads:int=4, # attention heads per block
+                 dropout:float=0.1, # dropout on the attention and expert outputs
                  modalities:tuple=MODALITIES, # token order
-                 ffn_mult:int=4):
+                 ffn_mult:int=4, # expert hidden width = ffn_mult * d_model
+                ):
         super().__init__()
         self.modalities = tuple(modalities)
-        self.blocks = nn.ModuleList([MoMEBlock(d_model, n_heads, dropout, self.modalities, ffn_mult) for _ in range(n_blocks)])
+        self.blocks = nn.ModuleList([MoMEBlock(d_model, n_heads, dropout, self.modalities, ffn_mult)
+                                     for _ in range(n_blocks)])
 
     def forward(self, tokens:torch.Tensor, # (B, M, d)
                 present_mask:torch.Tensor, # (B, M) bool, True = the item has this modality
                 return_attention:bool=False, # also return the weights (B, n_blocks, M, M)
                 vision_gate:torch.Tensor|None=None, # (B,) tanh(g)*rho_v per item, None = no gate
                ):
+        "The tokens after every block (B, M, d); with `return_attention`, also the weights."
         attn = []
         for blk in self.blocks:
             tokens, w = blk(tokens, ~present_mask, vision_gate)
@@ -132,18 +153,20 @@ def pooling_weights(present:torch.Tensor, # (B, M) bool
 
 # %% ../nbs/03_mrc.ipynb #f0ee3fbd
 class MRC(nn.Module):
-    "Multimodal Representation Compression: an item's text/vision/sequence features -> ONE token in the LLM embedding space."
-    def __init__(self, in_dims:dict, # feature size per modality, e.g. {'text': 384, 'vision': 1280, 'sequence': 64}; text required
+    ("Multimodal Representation Compression: an item's text/vision/sequence features -> "
+     "ONE token in the LLM embedding space.")
+    def __init__(self, in_dims:dict, # feature size per modality ('text' required), e.g. {'text': 384, 'sequence': 64}
                  d_model:int=256, # width of the modality tokens inside MoME
                  llm_hidden:int=576, # the LLM's hidden size (SmolLM2-135M: 576)
                  n_blocks:int=1, # MoME blocks
                  n_heads:int=4, # attention heads per block
-                 dropout:float=0.1,
+                 dropout:float=0.1, # dropout in the modality adapters, attention and experts
                  ffn_mult:int=4, # expert hidden width = ffn_mult * d_model
                 ):
         super().__init__()
         unknown = [m for m in in_dims if m not in MODALITIES]
-        if unknown: raise SpeederError(f'MRC: unknown modality {unknown[0]!r} in in_dims; known: {", ".join(MODALITIES)}')
+        if unknown:
+            raise SpeederError(f'MRC: unknown modality {unknown[0]!r} in in_dims; known: {", ".join(MODALITIES)}')
         if 'text' not in in_dims: raise SpeederError('MRC: in_dims has no "text" entry; text is always present')
         self.modalities = tuple(m for m in MODALITIES if m in in_dims)
         self.in_dims, self.d_model, self.llm_hidden = {m: int(in_dims[m]) for m in self.modalities}, d_model, llm_hidden
@@ -161,9 +184,12 @@ class MRC(nn.Module):
     def _inputs(self, feats, present, active):
         bad = [m for m in active if m not in MODALITIES]
         if bad: raise SpeederError(f'MRC: unknown active modality {bad[0]!r}; known: {", ".join(MODALITIES)}')
-        if 'text' not in active: raise SpeederError('MRC: "text" must be active in every stage (text is always present)')
+        if 'text' not in active:
+            raise SpeederError('MRC: "text" must be active in every stage (text is always present)')
         extra = [m for m in feats if m not in self.modalities]
-        if extra: raise SpeederError(f'MRC: features for {extra[0]!r}, but this MRC was built for {", ".join(self.modalities)}')
+        if extra:
+            raise SpeederError(f'MRC: features for {extra[0]!r}, '
+                               f'but this MRC was built for {", ".join(self.modalities)}')
         if 'text' not in feats: raise SpeederError('MRC: feats has no "text" features')
         shape = feats['text'].shape[:-1]
         present = dict(present or {})
@@ -171,17 +197,22 @@ class MRC(nn.Module):
         for m in self.modalities:
             on = m in active
             if on and m not in feats:
-                raise SpeederError(f'MRC: {m!r} is active but feats has no {m!r} features; pass them or leave {m!r} out of active')
+                raise SpeederError(f'MRC: {m!r} is active but feats has no {m!r} features; '
+                                   f'pass them or leave {m!r} out of active')
             f = feats.get(m)
             if f is not None:
                 if f.shape[-1] != self.in_dims[m]:
                     raise SpeederError(f'MRC: {m} features have size {f.shape[-1]}, this MRC expects {self.in_dims[m]}')
                 if f.shape[:-1] != shape:
-                    raise SpeederError(f'MRC: {m} features have leading shape {tuple(f.shape[:-1])}, text has {tuple(shape)}')
+                    raise SpeederError(f'MRC: {m} features have leading shape {tuple(f.shape[:-1])}, '
+                                       f'text has {tuple(shape)}')
             p = present.get(m)
-            p = torch.ones(shape, dtype=torch.bool, device=feats['text'].device) if p is None else torch.as_tensor(p, device=feats['text'].device).bool()
-            if p.shape != shape: raise SpeederError(f'MRC: present[{m!r}] has shape {tuple(p.shape)}, features have {tuple(shape)}')
-            if m == 'text' and not p.all(): raise SpeederError('MRC: present["text"] is False for some items; text is always present')
+            p = (torch.ones(shape, dtype=torch.bool, device=feats['text'].device) if p is None
+                 else torch.as_tensor(p, device=feats['text'].device).bool())
+            if p.shape != shape:
+                raise SpeederError(f'MRC: present[{m!r}] has shape {tuple(p.shape)}, features have {tuple(shape)}')
+            if m == 'text' and not p.all():
+                raise SpeederError('MRC: present["text"] is False for some items; text is always present')
             if not on: p = torch.zeros_like(p)
             f = feats['text'].new_zeros(*shape, self.in_dims[m]) if f is None else torch.where(p[..., None], f, 0.)
             xs.append(f.reshape(-1, self.in_dims[m])); ps.append(p.reshape(-1))
@@ -192,7 +223,8 @@ class MRC(nn.Module):
                active:tuple=MODALITIES, # modalities of this MPO stage; the others are treated as absent
                use_gate:bool=True, # False: vision enters as an ordinary token (the "no gate" ablation)
               )->dict:
-        "Everything before the output adapter: final tokens (N, M, d), present (N, M), pooling weights (N, M), fused (N, d), attention (N, n_blocks, M, M), with N = the flattened leading shape."
+        ("Everything before the output adapter: final tokens (N, M, d), present (N, M), pooling weights (N, M), "
+         "fused (N, d), attention (N, n_blocks, M, M), with N = the flattened leading shape.")
         xs, pres, shape = self._inputs(feats, present, active)
         tokens = torch.stack([self.adapters[m](x) for m, x in zip(self.modalities, xs)], 1) * pres[..., None]
         tau = None
@@ -216,7 +248,8 @@ class MRC(nn.Module):
         M = len(self.modalities)
         return out, e['attention'].reshape(*e['shape'], len(self.mome.blocks), M, M)
 
-    def modality_parameters(self, m:str)->list:
+    def modality_parameters(self, m:str # 'text', 'vision' or 'sequence'
+                           )->list:
         "Parameters owned by modality `m`: its adapter, its expert in every MoME block, and for vision the gate g."
         if m not in MODALITIES: raise SpeederError(f'unknown modality {m!r}; known: {", ".join(MODALITIES)}')
         ps = []
@@ -246,7 +279,8 @@ def item_inputs(features, # an `ItemFeatures` (tables `text`, `vision`, `sequenc
 # %% ../nbs/03_mrc.ipynb #2a166228
 def plot_modality_attention(attn:torch.Tensor, # (B, n_blocks, M, M), (B, M, M) or (M, M) attention weights
                             modalities:tuple=MODALITIES, # names of the M tokens
-                            title:str='MoME attention (query row -> key column)'):
+                            title:str='MoME attention (query row -> key column)', # the figure's title
+                           ):
     "Heatmap(s) of modality-to-modality attention averaged over items; returns the figure."
     a = torch.as_tensor(attn).detach().float().cpu()
     if a.dim() == 2: a = a[None]
@@ -258,17 +292,26 @@ def plot_modality_attention(attn:torch.Tensor, # (B, n_blocks, M, M), (B, M, M) 
     nb = mean.shape[0]
     fig, axs = plt.subplots(1, nb, figsize=(1.4 + 2.6 * nb, 2.9), squeeze=False, layout='constrained')
     for b, ax in enumerate(axs[0]):
-        im = ax.imshow(mean[b], vmin=min(0., float(mean.min())), vmax=1, cmap='viridis')  # tanh(g) < 0 gives negative weights
+        # tanh(g) < 0 gives negative weights
+        im = ax.imshow(mean[b], vmin=min(0., float(mean.min())), vmax=1, cmap='viridis')
         for i in range(M):
-            for j in range(M): ax.text(j, i, f'{mean[b, i, j]:.2f}', ha='center', va='center', color='w' if mean[b, i, j] < .6 else 'k', fontsize=8)
+            for j in range(M):
+                ax.text(j, i, f'{mean[b, i, j]:.2f}', ha='center', va='center',
+                        color='w' if mean[b, i, j] < .6 else 'k', fontsize=8)
         ax.set_xticks(range(M), modalities, rotation=30); ax.set_yticks(range(M), modalities if b == 0 else [''] * M)
         ax.set_title(f'block {b}', fontsize=9)
     fig.colorbar(im, ax=axs[0].tolist(), shrink=0.8); fig.suptitle(title, fontsize=10)
     return fig
 
 @torch.no_grad()
-def modality_contributions(mrc:MRC, feats:dict, present:dict|None=None, active:tuple=MODALITIES, use_gate:bool=True)->dict:
-    "Gate value, mean norm of each modality's term c_m h_m in the fused vector, and the mean relative change of the output token when the modality is dropped (over items that have it). Runs in eval mode."
+def modality_contributions(mrc:MRC, # the model to inspect
+                           feats:dict, # modality -> features (*, in_dim), as for `MRC.encode`
+                           present:dict|None=None, # modality -> bool (*,), True = the item has it; no key: all True
+                           active:tuple=MODALITIES, # the modalities switched on (text always)
+                           use_gate:bool=True, # False: vision enters as an ordinary token (no gate)
+                          )->dict:
+    ("Gate value, mean norm of each modality's term c_m h_m in the fused vector, and the mean relative change of the "
+     "output token when the modality is dropped (over items that have it). Runs in eval mode.")
     was = mrc.training; mrc.eval()
     try:
         e = mrc.encode(feats, present, active, use_gate)
@@ -276,20 +319,30 @@ def modality_contributions(mrc:MRC, feats:dict, present:dict|None=None, active:t
         res = dict(gate=mrc.gate if use_gate else 1.0, pooled={}, dropped={})
         for i, m in enumerate(mrc.modalities):
             has = e['present'][:, i]
-            res['pooled'][m] = (e['weights'][:, i, None] * e['tokens'][:, i]).norm(dim=-1)[has].mean().item() if has.any() else 0.0
+            res['pooled'][m] = ((e['weights'][:, i, None] * e['tokens'][:, i]).norm(dim=-1)[has].mean().item()
+                                if has.any() else 0.0)
             if m == 'text': continue
             without = mrc(feats, present, tuple(a for a in active if a != m), use_gate).reshape(out.shape)
-            res['dropped'][m] = ((out - without).norm(dim=-1) / out.norm(dim=-1))[has].mean().item() if has.any() else 0.0
+            res['dropped'][m] = (((out - without).norm(dim=-1) / out.norm(dim=-1))[has].mean().item()
+                                 if has.any() else 0.0)
     finally: mrc.train(was)
     return res
 
-def plot_modality_contributions(mrc:MRC, feats:dict, present:dict|None=None, active:tuple=MODALITIES, use_gate:bool=True):
+def plot_modality_contributions(mrc:MRC, # the model to inspect
+                                feats:dict, # modality -> features (*, in_dim), as for `MRC.encode`
+                                present:dict|None=None, # modality -> bool (*,), True = has it; no key: all True
+                                active:tuple=MODALITIES, # the modalities switched on (text always)
+                                use_gate:bool=True, # False: vision enters as an ordinary token (no gate)
+                               ):
     "Bar plots of each modality's contribution to the output token (see `modality_contributions`); returns the figure."
     r = modality_contributions(mrc, feats, present, active, use_gate)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(7, 2.6))
     ms = list(r['pooled'])
-    a1.bar(ms, [r['pooled'][m] for m in ms], color='C0'); a1.set_title('norm of $c_m h_m$ in the fused item', fontsize=9)
+    a1.bar(ms, [r['pooled'][m] for m in ms], color='C0')
+    a1.set_title('norm of $c_m h_m$ in the fused item', fontsize=9)
     ds = list(r['dropped'])
-    a2.bar(ds, [r['dropped'][m] for m in ds], color='C1'); a2.set_title('relative change of the token when dropped', fontsize=9)
-    fig.suptitle(f"vision gate tanh(g) = {r['gate']:.3f}" + ('' if use_gate else ' (no gate)'), fontsize=10); fig.tight_layout()
+    a2.bar(ds, [r['dropped'][m] for m in ds], color='C1')
+    a2.set_title('relative change of the token when dropped', fontsize=9)
+    fig.suptitle(f"vision gate tanh(g) = {r['gate']:.3f}" + ('' if use_gate else ' (no gate)'), fontsize=10)
+    fig.tight_layout()
     return fig

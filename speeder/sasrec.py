@@ -41,8 +41,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x:torch.Tensor, # (B, L, d)
                 mask:torch.Tensor # (B, L, L) from `attention_mask`
                )->torch.Tensor:
+        "Each slot attends to the slots `mask` allows: (B, L, d)."
         B, L, d = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # each (B, H, L, d/H)
+        # q, k, v: each (B, H, L, d/H)
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, d))
@@ -68,28 +70,37 @@ class SASRecConfig:
 # %% ../nbs/01_sasrec.ipynb #0527002e
 class SASRecBlock(nn.Module):
     "Pre-LN transformer block: causal self-attention, then a position-wise feed-forward net, each with a residual."
-    def __init__(self, d:int, n_heads:int, dropout:float):
+    def __init__(self, d:int, # model width
+                 n_heads:int, # attention heads; must divide d
+                 dropout:float, # on the attention weights and both residual branches
+                ):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = CausalSelfAttention(d, n_heads, dropout)
         self.ffn = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x:torch.Tensor, mask:torch.Tensor)->torch.Tensor:
+    def forward(self, x:torch.Tensor, # (B, L, d)
+                mask:torch.Tensor, # (B, L, L) from `attention_mask`
+               )->torch.Tensor:
+        "Attention, then the feed-forward net, each added to its input: (B, L, d)."
         x = x + self.drop(self.attn(self.ln1(x), mask))
         return x + self.drop(self.ffn(self.ln2(x)))
 
 class SASRec(nn.Module):
-    "Self-attentive sequential recommender: histories (B, L) -> hidden states (B, L, d); scores = hidden · item embedding."
+    ("Self-attentive sequential recommender: histories (B, L) -> hidden states (B, L, d); "
+     "scores = hidden · item embedding.")
     def __init__(self, n_items:int, # items are ids 1..n_items; 0 is padding
-                 cfg:SASRecConfig|None=None):
+                 cfg:SASRecConfig|None=None, # hyper-parameters (default `SASRecConfig()`)
+                ):
         super().__init__()
         self.n_items, self.cfg = n_items, cfg or SASRecConfig()
         d = self.cfg.d_model
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(self.cfg.max_len, d)
         self.drop = nn.Dropout(self.cfg.dropout)
-        self.blocks = nn.ModuleList(SASRecBlock(d, self.cfg.n_heads, self.cfg.dropout) for _ in range(self.cfg.n_blocks))
+        self.blocks = nn.ModuleList(SASRecBlock(d, self.cfg.n_heads, self.cfg.dropout)
+                                    for _ in range(self.cfg.n_blocks))
         self.ln_f = nn.LayerNorm(d)
         self.apply(self._init)
 
@@ -113,7 +124,8 @@ class SASRec(nn.Module):
         for block in self.blocks: x = block(x, mask) * real
         return self.ln_f(x)
 
-    def item_logits(self, hidden:torch.Tensor)->torch.Tensor:
+    def item_logits(self, hidden:torch.Tensor # (..., d) hidden states
+                   )->torch.Tensor:
         "Scores of all items for each hidden state: (..., n_items+1), the padding item at -inf."
         logits = hidden @ self.item_emb.weight.T
         logits[..., 0] = float('-inf')
@@ -149,7 +161,8 @@ def window_pairs(windows:torch.Tensor # (B, L+1) from `training_windows`
     return x, windows[:, 1:].masked_fill(x == 0, 0)
 
 # %% ../nbs/01_sasrec.ipynb #63231402
-def sasrec_loss(model:SASRec, windows:torch.Tensor # (B, L+1) from `training_windows`
+def sasrec_loss(model:SASRec, # the model being trained
+                windows:torch.Tensor # (B, L+1) from `training_windows`
                )->torch.Tensor:
     "Mean next-item cross-entropy over all slots with a real input and a real target."
     x, y = window_pairs(windows)
@@ -160,7 +173,8 @@ def sasrec_loss(model:SASRec, windows:torch.Tensor # (B, L+1) from `training_win
 @torch.no_grad()
 def sasrec_scores(model:SASRec, # a trained (or any) SASRec
                   split:Split, # a split with candidates (`ds.valid` or `ds.test`)
-                  batch_size:int=1024)->np.ndarray:
+                  batch_size:int=1024, # examples scored per forward pass
+                 )->np.ndarray:
     "Candidate scores for every example of `split`: (n, C) float32."
     if split.candidates is None: raise SpeederError('this split has no candidate sets (use ds.valid or ds.test)')
     was_training = model.training
@@ -171,18 +185,25 @@ def sasrec_scores(model:SASRec, # a trained (or any) SASRec
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, split.candidates.shape[1]), np.float32)
 
-def evaluate_sasrec(model:SASRec, split:Split)->dict:
+def evaluate_sasrec(model:SASRec, # the model to score
+                    split:Split, # a split with candidates (`ds.valid` or `ds.test`)
+                   )->dict:
     "HR@1, HR@5, NDCG@5 (and ValidRatio = 1) of `model` on a split's saved candidates."
     return scorer_metrics(sasrec_scores(model, split), split.candidates, split.targets)
 
 # %% ../nbs/01_sasrec.ipynb #4a402cb2
-def sasrec_dir(ds:Dataset, root:str|Path|None=None # data folder (see `data_root`); default: next to `ds.path`
+def sasrec_dir(ds:Dataset, # a processed dataset
+               root:str|Path|None=None # data folder (see `data_root`); default: next to `ds.path`
               )->Path:
     "Where SASRec's files for `ds` live: `data/<name>/sasrec/`."
     if root is None and ds.path is not None: return Path(ds.path).parent/'sasrec'
     return data_root(root)/ds.name/'sasrec'
 
-def save_sasrec(model:SASRec, ds:Dataset, result:dict, out_dir:Path)->Path:
+def save_sasrec(model:SASRec, # the trained model
+                ds:Dataset, # the dataset it was trained on (name and fingerprint are saved)
+                result:dict, # the metrics, written as metrics.json
+                out_dir:Path, # the folder to write to
+               )->Path:
     "Write model.pt, item_embeddings.pt and metrics.json to `out_dir` (atomically); returns the model.pt path."
     out_dir = Path(out_dir)
     ckpt = dict(state_dict=model.state_dict(), config=asdict(model.cfg), n_items=model.n_items,
@@ -265,7 +286,8 @@ def plot_training(result:dict # what `train_sasrec` returns (or metrics.json)
     a2.axhline(0.05, color='grey', ls=':', lw=1, label='random HR@1')
     for a in (a1, a2): a.axvline(result['best_epoch'], color='k', ls='--', lw=0.8)
     a2.set(xlabel='epoch', ylim=(0, 1)); a2.legend(fontsize=8)
-    fig.suptitle(f"SASRec on {result['dataset']}: test HR@1 {result['hr1']:.3f} (best epoch {result['best_epoch']})", fontsize=10)
+    fig.suptitle(f"SASRec on {result['dataset']}: test HR@1 {result['hr1']:.3f} "
+                 f"(best epoch {result['best_epoch']})", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -274,11 +296,13 @@ def _sasrec_file(ds:Dataset, root, name:str)->Path:
     d = sasrec_dir(ds, root)
     path = d/name
     if not path.exists():
-        raise SpeederError(f'no trained SASRec for {ds.name} ({path} is missing): run `speeder sasrec --dataset {ds.name}` first')
+        raise SpeederError(f'no trained SASRec for {ds.name} ({path} is missing): '
+                           f'run `speeder sasrec --dataset {ds.name}` first')
     metrics = d/'metrics.json'
     saved = json.loads(metrics.read_text()).get('fingerprint') if metrics.exists() else None
     if saved and ds.info.get('fingerprint') and saved != ds.info['fingerprint']:
-        raise SpeederError(f'{d} was trained on another build of {ds.name}: run `speeder sasrec --dataset {ds.name}` again')
+        raise SpeederError(f'{d} was trained on another build of {ds.name}: '
+                           f'run `speeder sasrec --dataset {ds.name}` again')
     return path
 
 def sasrec_item_embeddings(ds:Dataset, # the dataset the embeddings must match
@@ -292,7 +316,9 @@ def sasrec_item_embeddings(ds:Dataset, # the dataset the embeddings must match
                            f'run `speeder sasrec --dataset {ds.name}` again')
     return emb
 
-def load_sasrec(ds:Dataset, root:str|Path|None=None)->SASRec:
+def load_sasrec(ds:Dataset, # the dataset the model must match
+                root:str|Path|None=None, # data folder (see `sasrec_dir`)
+               )->SASRec:
     "The saved SASRec of `ds`, in eval mode; raises if not trained yet."
     path = _sasrec_file(ds, root, 'model.pt')
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
@@ -307,7 +333,7 @@ def load_sasrec(ds:Dataset, root:str|Path|None=None)->SASRec:
 # %% ../nbs/01_sasrec.ipynb #401b2c6e
 def sasrec_main(dataset:str='ml-100k', # dataset name (see `load_dataset`)
                 root:str|Path|None=None, # data folder (see `data_root`)
-                progress_bar:bool=True,
+                progress_bar:bool=True, # show a tqdm bar (stderr) over epochs
                 **cfg_overrides # any `SASRecConfig` field, e.g. max_epochs=5
                )->dict:
     "Train and test SASRec on `dataset` and save it under data/<name>/sasrec/; returns a flat dict of results."
@@ -317,5 +343,6 @@ def sasrec_main(dataset:str='ml-100k', # dataset name (see `load_dataset`)
     ds = load_dataset(dataset, root)
     _, r = train_sasrec(ds, SASRecConfig(**cfg_overrides), out_dir=sasrec_dir(ds, root), progress_bar=progress_bar)
     return dict(dataset=dataset, hr1=r['hr1'], hr5=r['hr5'], ndcg5=r['ndcg5'], valid_ratio=1.0, vhr1=r['hr1'],
-                valid_hr1=r['valid']['hr1'], valid_ndcg5=r['valid']['ndcg5'], best_epoch=r['best_epoch'], epochs=r['epochs'],
-                wall_s=r['wall_s'], n_params=r['n_params'], checkpoint=str(Path(r['out_dir'])/'model.pt'))
+                valid_hr1=r['valid']['hr1'], valid_ndcg5=r['valid']['ndcg5'], best_epoch=r['best_epoch'],
+                epochs=r['epochs'], wall_s=r['wall_s'], n_params=r['n_params'],
+                checkpoint=str(Path(r['out_dir'])/'model.pt'))

@@ -26,7 +26,8 @@ class PositionPrompt(nn.Module):
         self.max_len, self.hidden = max_len, hidden
         self.weight = nn.Parameter(torch.randn(max_len, hidden) * std)  # row max_len-1 = most recent slot
 
-    def prompts(self, L:int)->torch.Tensor:
+    def prompts(self, L:int # history slots (at most max_len)
+               )->torch.Tensor:
         "The (L, hidden) prompts of an L-slot history (the last L rows: slot L-1 is always the most recent)."
         if L > self.max_len:
             raise SpeederError(f'history has {L} slots but the position prompt covers max_len={self.max_len}; '
@@ -38,8 +39,10 @@ class PositionPrompt(nn.Module):
                )->torch.Tensor:
         "Item tokens with their slot's prompt added at real (non-padding) positions."
         B, L, H = item_tokens.shape
-        if H != self.hidden: raise SpeederError(f'item tokens have hidden size {H}, the position prompt has {self.hidden}')
-        if present.shape != (B, L): raise SpeederError(f'present has shape {tuple(present.shape)}, item tokens {(B, L)}')
+        if H != self.hidden:
+            raise SpeederError(f'item tokens have hidden size {H}, the position prompt has {self.hidden}')
+        if present.shape != (B, L):
+            raise SpeederError(f'present has shape {tuple(present.shape)}, item tokens {(B, L)}')
         p = self.prompts(L).to(item_tokens.dtype)
         return torch.where(present.bool()[..., None], item_tokens + p, item_tokens)
 
@@ -54,7 +57,8 @@ class PositionPrompt(nn.Module):
             raise SpeederError(f'slots {tuple(slots.shape)} and present {tuple(present.shape)} must both be (B={B}, L)')
         b, l = present.nonzero(as_tuple=True)
         t = slots[b, l]
-        if len(t) and (t.min() < 0 or t.max() >= T): raise SpeederError(f'history slot positions must lie in [0, {T - 1}]; got {int(t.min())}..{int(t.max())}')
+        if len(t) and (t.min() < 0 or t.max() >= T):
+            raise SpeederError(f'history slot positions must lie in [0, {T - 1}]; got {int(t.min())}..{int(t.max())}')
         p = self.prompts(slots.shape[1]).to(inputs_embeds.dtype)
         return inputs_embeds.index_put((b, t), inputs_embeds[b, t] + p[l])
 
@@ -66,27 +70,33 @@ class PositionProxyHead(nn.Module):
                  head_dim:int=256, # width of the MLP's hidden layer
                 ):
         super().__init__()
-        if max_len < 2: raise SpeederError(f'PositionProxyHead needs max_len >= 2 (a distance needs two items), got {max_len}')
+        if max_len < 2:
+            raise SpeederError(f'PositionProxyHead needs max_len >= 2 (a distance needs two items), got {max_len}')
         self.hidden, self.max_len, self.n_classes = hidden, max_len, max_len - 1
         self.norm = nn.LayerNorm(hidden)
         self.mlp = nn.Sequential(nn.Linear(4 * hidden, head_dim), nn.GELU(), nn.Linear(head_dim, self.n_classes))
 
-    def forward(self, h_i:torch.Tensor, h_j:torch.Tensor)->torch.Tensor:
+    def forward(self, h_i:torch.Tensor, # (..., hidden) hidden state of the earlier item i
+                h_j:torch.Tensor, # (..., hidden) hidden state of the later item j
+               )->torch.Tensor:
         "Logits (..., max_len-1) for the distance of the pair (i, j), i < j; class k means distance k+1."
         a, b = self.norm(h_i.to(self.norm.weight.dtype)), self.norm(h_j.to(self.norm.weight.dtype))
         return self.mlp(torch.cat([a, b, a * b, b - a], -1))
 
 def _check(hidden_states, present, head):
-    if hidden_states.dim() != 3: raise SpeederError(f'hidden_states must be (B, L, hidden), got shape {tuple(hidden_states.shape)}')
+    if hidden_states.dim() != 3:
+        raise SpeederError(f'hidden_states must be (B, L, hidden), got shape {tuple(hidden_states.shape)}')
     B, L, H = hidden_states.shape
     if present.shape != (B, L): raise SpeederError(f'present has shape {tuple(present.shape)}, hidden states {(B, L)}')
     if H != head.hidden: raise SpeederError(f'hidden states have size {H}, the PPT head expects {head.hidden}')
-    if L > head.max_len: raise SpeederError(f'history has {L} slots but the PPT head predicts distances up to {head.max_len - 1} (max_len={head.max_len})')
+    if L > head.max_len:
+        raise SpeederError(f'history has {L} slots but the PPT head predicts distances up to {head.max_len - 1} '
+                           f'(max_len={head.max_len})')
     return present.bool()
 
 def sample_pairs(present:torch.Tensor, # (B, L) bool
                  n_pairs:int=8, # pairs per example (with replacement across draws)
-                 generator:torch.Generator|None=None,
+                 generator:torch.Generator|None=None, # for reproducible pairs
                 )->tuple:
     "Random pairs (b, i, j), i < j, of real items; `n_pairs` per example with at least two real items."
     ok = present.sum(1) >= 2
@@ -99,7 +109,7 @@ def sample_pairs(present:torch.Tensor, # (B, L) bool
 
 def position_proxy_loss(hidden_states:torch.Tensor, # (B, L, hidden) LLM hidden states at the history item positions
                         present:torch.Tensor, # (B, L) bool, False on padding slots
-                        head:PositionProxyHead,
+                        head:PositionProxyHead, # the PPT head
                         n_pairs:int=8, # pairs drawn per example
                         generator:torch.Generator|None=None, # for reproducible pairs
                        )->tuple:
@@ -114,7 +124,7 @@ def position_proxy_loss(hidden_states:torch.Tensor, # (B, L, hidden) LLM hidden 
 @torch.no_grad()
 def ppt_accuracy_by_distance(hidden_states:torch.Tensor, # (B, L, hidden)
                              present:torch.Tensor, # (B, L) bool
-                             head:PositionProxyHead,
+                             head:PositionProxyHead, # the PPT head
                              batch_size:int=4096, # pairs per head call
                             )->dict:
     "Accuracy of the PPT head on ALL pairs of real items, per distance: {distance: accuracy} (distances that occur)."
@@ -140,7 +150,9 @@ def spae_total_loss(lm_loss:torch.Tensor, # the language-model (next item) loss
     return lm_loss if ppt_weight == 0 else lm_loss + ppt_weight * ppt_loss
 
 # %% ../nbs/04_spae.ipynb #393a289c
-def sinusoidal_positions(n:int, hidden:int)->torch.Tensor:
+def sinusoidal_positions(n:int, # number of positions
+                         hidden:int, # size of the signal (even)
+                        )->torch.Tensor:
     "(n, hidden) sine/cosine position signal of 'Attention is all you need' (hidden even)."
     pos = torch.arange(n, dtype=torch.float)[:, None]
     freq = torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float) / hidden)
@@ -154,9 +166,10 @@ def toy_history_states(n:int, # number of histories
                        n_items:int=100, # item vocabulary of the toy
                        min_len:int=2, # shortest history
                        pos_scale:float=2.0, # alpha: weight of the position signal (2: a head learns it in ~100 steps)
-                       generator:torch.Generator|None=None,
+                       generator:torch.Generator|None=None, # for reproducible data
                       )->tuple:
-    "Synthetic PPT data: (states (n, max_len, hidden), present (n, max_len)), left-padded, states = item embedding + alpha * PE(slot), 0 on padding."
+    ("Synthetic PPT data: (states (n, max_len, hidden), present (n, max_len)), left-padded, "
+     "states = item embedding + alpha * PE(slot), 0 on padding.")
     items = torch.randn(n_items, hidden, generator=generator)
     ids = torch.randint(n_items, (n, max_len), generator=generator)
     lens = torch.randint(min_len, max_len + 1, (n,), generator=generator)
@@ -165,7 +178,9 @@ def toy_history_states(n:int, # number of histories
     return states, present
 
 # %% ../nbs/04_spae.ipynb #148ec81f
-def plot_ppl_similarity(position_prompt:PositionPrompt, title:str='PPL: cosine similarity of position prompts'):
+def plot_ppl_similarity(position_prompt:PositionPrompt, # the PPL whose prompts are compared
+                        title:str='PPL: cosine similarity of position prompts', # the figure's title
+                       ):
     "Heatmap of the cosine similarity between the position prompts; returns the figure."
     w = F.normalize(position_prompt.weight.detach().float().cpu(), dim=-1)
     sim, n = (w @ w.T).numpy(), len(w)
@@ -178,17 +193,20 @@ def plot_ppl_similarity(position_prompt:PositionPrompt, title:str='PPL: cosine s
 
 def plot_ppt_accuracy(acc_by_distance:dict, # {distance: accuracy}, from `ppt_accuracy_by_distance`
                       chance:float|None=None, # draw a dashed line at this accuracy (e.g. 1/(L-1))
-                      title:str='PPT accuracy by distance'):
+                      title:str='PPT accuracy by distance', # the figure's title
+                     ):
     "Bar plot of PPT accuracy per relative distance; returns the figure."
     ds = sorted(acc_by_distance)
     fig, ax = plt.subplots(figsize=(4.5, 2.8), layout='constrained')
     ax.bar(ds, [acc_by_distance[d] for d in ds], color='C2')
     if chance is not None: ax.axhline(chance, ls='--', c='gray', label='chance'); ax.legend(fontsize=8)
-    ax.set_xticks(ds); ax.set_ylim(0, 1); ax.set_xlabel('distance j - i'); ax.set_ylabel('accuracy'); ax.set_title(title, fontsize=10)
+    ax.set_xticks(ds); ax.set_ylim(0, 1); ax.set_xlabel('distance j - i'); ax.set_ylabel('accuracy')
+    ax.set_title(title, fontsize=10)
     return fig
 
-def plot_order_sensitivity(results:dict, # {'with SPAE': {'shuffled': x, 'reversed': y}, 'without SPAE': {...}}: fraction of answers that change
-                           title:str='How often the answer changes when the history order changes'):
+def plot_order_sensitivity(results:dict, # {variant: {perturbation: fraction of answers that change}}
+                           title:str='How often the answer changes when the history order changes', # the title
+                          ):
     "Grouped bars: fraction of changed answers per perturbation, one bar per model variant; returns the figure."
     variants = list(results)
     perts = list(dict.fromkeys(p for v in variants for p in results[v]))

@@ -99,7 +99,7 @@ def test_compare_cli_tiny(tmp_path):
     for row in res['rows']:
         assert 0 <= row['hr1'] <= 1 and 0 <= row['valid_ratio'] <= 1 and row['vhr1'] == pytest.approx(row['hr1'] * row['valid_ratio'])
         assert row['n_test'] == 8 and row['steps'] == 2
-    assert res['budget'] == dict(steps=2, batch_size=4, train_examples=16, eval_examples=8)
+    assert res['budget'] == dict(minutes=None, steps=2, batch_size=4, train_examples=16, eval_examples=8)
     assert (tmp_path/'compare.json').exists() and (tmp_path/'compare.png').exists()
 
 def test_bad_methods_are_named(tmp_path):

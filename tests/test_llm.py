@@ -4,7 +4,7 @@ import numpy as np
 import pytest, torch
 from speeder.data import SpeederError, Split, fetch_asset, load_dataset
 from speeder.features import ItemFeatures
-from speeder.llm import (toy_split, SpeederConfig, SpeederPrompt, SpeederRecommender, ITEM_TOKEN, LABELS, add_lora,
+from speeder.llm import (toy_split, SpeederConfig, SpeederPrompt, SpeederRecommender, ITEM_TOKEN, LABELS, LOSS_KEYS, add_lora,
                          check_causal_lm, evaluate, fit, load_backbone, recommend, render_prompt, reorder_histories, tiny_llm,
                          smollm2_tokenizer, random_features)
 
@@ -74,11 +74,12 @@ def test_config_roundtrip_and_unknown_keys():
 
 def test_prompt_has_30_item_tokens():
     p = SpeederPrompt(smollm2_tokenizer())
-    ids, hist, cand = p.ids(10)
+    ids, hist, cand, letters = p.ids(10)
     assert ids.count(p.item_id) == 30 and len(hist) == 10 and len(cand) == 20
     assert render_prompt(10).count(ITEM_TOKEN) == 30
     assert p.tokenizer.decode(ids) == render_prompt(10)
     assert all(ids[c] == p.item_id for c in cand) and all(ids[h] == p.item_id for h in hist)
+    assert [ids[l] for l in letters] == p.label_ids and letters == [c + 1 for c in cand]
 
 def test_prompt_bad_batches():
     p = SpeederPrompt(smollm2_tokenizer())
@@ -115,7 +116,7 @@ def test_losses_and_modalities():
     m = _model()
     b = m.prompt.batch(np.array([[0] * 7 + [5, 6, 7]]), np.arange(21, 41)[None], targets=[25])
     out = m(b)
-    assert set(out) == {'loss', 'lm_loss', 'ppt_loss', 'ppt_acc'} and torch.isfinite(out['loss'])
+    assert set(out) == set(LOSS_KEYS) and torch.isfinite(out['loss'])
     with pytest.raises(SpeederError, match='targets'): m(m.prompt.batch(np.array([[0] * 7 + [5, 6, 7]]), np.arange(21, 41)[None]))
     text_only = m.item_tokens(torch.tensor([1, 2]), active=('text',))
     assert not torch.allclose(text_only, m.item_tokens(torch.tensor([1, 2])))
@@ -178,3 +179,44 @@ def test_drop_modality_masks_fixed_items():
     assert kept[:, 0].all() and 0.3 < kept[:, 1:].float().mean() < 0.7
     m2 = SpeederRecommender(random_features(), cfg, backbone=load_backbone('tiny'))
     assert torch.equal(kept, m2.modality_kept)   # the same items lose the same modalities, at train and test time
+
+# --- issue: item tokens keep their identity, a direct signal for the choice ------------------------------------------
+
+def test_item_tokens_stay_at_the_word_scale_and_apart():
+    "Trained on the toy, the tiny model's item tokens keep the words' RMS and do not collapse onto one direction."
+    from speeder.llm import token_stats
+    items, ends = torch.arange(1, 61), {}
+    for w in (1.0, 0.0):
+        m = _model(d_model=64, lora_r=8, lr=5e-3, batch_size=8, max_steps=120, warmup_steps=5, spread_weight=w)
+        start = token_stats(m, items)
+        fit(m, _toy())
+        ends[w] = token_stats(m, items)
+        assert start['token_rms'] == pytest.approx(start['word_rms'], rel=1e-3)
+        assert ends[w]['token_rms'] == pytest.approx(ends[w]['word_rms'], rel=1e-3)
+    assert ends[0.0]['token_cos'] > 0.7, ends   # without the spread loss they turn towards one direction
+    assert ends[1.0]['token_cos'] < 0.2, ends   # with it they stay apart
+
+def test_token_scale_none_is_mrc_raw_output():
+    m = _model(token_scale='none')
+    with torch.no_grad(): x = m.item_tokens(torch.arange(1, 61))
+    assert x.pow(2).mean().sqrt().item() != pytest.approx(m.word_rms.item(), rel=1e-2)
+
+def test_listwise_loss_and_its_switch():
+    b_model = _model()
+    toy = _toy()
+    b = b_model.prompt.batch(toy.histories, toy.candidates, toy.targets)
+    on = b_model(b)
+    assert on['listwise_loss'] > 0 and on['loss'] > on['lm_loss']
+    off = _model(listwise_weight=0.0)(b)
+    assert off['listwise_loss'] == 0 and off['listwise_acc'] == 0
+    hist = fit(_model(d_model=64, lora_r=8, lr=5e-3, batch_size=8, max_steps=80, warmup_steps=5), toy)
+    assert np.mean([r['listwise_acc'] for r in hist[-10:]]) > np.mean([r['listwise_acc'] for r in hist[:10]])
+
+def test_item_lr_sets_its_own_groups():
+    from speeder.llm import _optimizer, group_parameters
+    m = _model(lr=1e-3, item_lr=5e-3)
+    opt = _optimizer(m, m.trainable_parameters(), m.cfg)
+    lora = {id(p) for p in group_parameters(m, 'lora')}
+    for g in opt.param_groups:
+        assert g['peak_lr'] == (1e-3 if id(g['params'][0]) in lora else 5e-3)
+        assert len({id(p) in lora for p in g['params']}) == 1

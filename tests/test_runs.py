@@ -149,7 +149,7 @@ def test_run_folder_contents(finished_run):
     assert {'config.json', 'metrics.json', 'history.json', 'modules.pt', 'lora', 'checkpoints', 'report.md', 'plots'} \
         <= {p.name for p in run.iterdir()}
     assert {'hr1', 'valid_ratio', 'vhr1', 'score_hr1'} <= set(res) and res['backbone_is_stand_in'] is True
-    assert [s['stage'] for s in res['stages']] == ['text', 'joint'] and res['notes']
+    assert [s['stage'] for s in res['stages']] == ['joint'] and "MPO 'auto' without item images" in res['notes'][-1]
     assert not any((run/'lora').rglob('model.safetensors'))   # the frozen backbone is never saved
     assert runs.read_run_config(run).max_steps == 4            # config.json is the SpeederConfig
     ev = runs.evaluate_main(run, 'score', 20)
@@ -264,5 +264,5 @@ def test_switches_are_the_cli_flags(tmp_path):
                 '--skip-bad-images', '--json')
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = runs.read_run_config(tmp_path/'sw')
-    assert (cfg.use_ppl, cfg.mpo, cfg.skip_bad_images) == (False, False, True)
+    assert (cfg.use_ppl, cfg.mpo, cfg.skip_bad_images) == (False, 'off', True)
     assert [s['stage'] for s in json.loads(r.stdout.splitlines()[-1])['stages']] == ['joint']
