@@ -4,9 +4,14 @@ from pathlib import Path
 import numpy as np
 import pytest, torch
 from speeder.cli import run_cli
-from speeder.data import SpeederError, load_dataset
-from speeder.llm import SpeederConfig, SpeederPrompt, random_features, toy_split, smollm2_tokenizer
-from speeder.baselines import (ItemTextPrompt, baseline_model, train_baseline, BASELINES, BASELINE_STAGES, short_text)
+from speeder.config import SpeederError
+from speeder.data import load_dataset
+from speeder.config import SpeederConfig
+from speeder.data import toy_split
+from speeder.features import random_features
+from speeder.backbone import smollm2_tokenizer
+from speeder.prompt import SpeederPrompt
+from speeder.baselines import ItemTextPrompt, baseline_model, train_baseline, BASELINES, BASELINE_STAGES, short_text
 from speeder.bench import bench_ratios, RATIOS
 
 TINY_SET = ['--set', 'sequence_features="zeros"', 'lora_r=4', 'd_model=32', 'n_heads=2']
@@ -15,16 +20,21 @@ def _item(title, year=''):
     return dict(title=title, year=year, genres=[], brand='', category='', description='', image=None)
 
 @pytest.fixture(scope='module')
-def tok(): return smollm2_tokenizer()
+def tok():
+    return smollm2_tokenizer()
 
 @pytest.fixture(scope='module')
-def items(): return [None] + [_item(f'Film {k}', str(1980 + k)) for k in range(1, 61)]
+def items():
+    return [None] + [_item(f'Film {k}', str(1980 + k)) for k in range(1, 61)]
 
 def test_unknown_item_and_shapes(tok, items):
     p = ItemTextPrompt(tok, items, n_candidates=3)
-    with pytest.raises(SpeederError, match='item id 99 is not in the dataset'): p.batch([[0, 1, 99]], [[2, 3, 4]])
-    with pytest.raises(SpeederError, match=r'candidates have shape \(1, 2\)'): p.batch([[0, 1, 2]], [[2, 3]])
-    with pytest.raises(SpeederError, match='left-padded'): p.batch([[1, 0, 2]], [[2, 3, 4]])
+    with pytest.raises(SpeederError, match='item id 99 is not in the dataset'):
+        p.batch([[0, 1, 99]], [[2, 3, 4]])
+    with pytest.raises(SpeederError, match=r'candidates have shape \(1, 2\)'):
+        p.batch([[0, 1, 2]], [[2, 3]])
+    with pytest.raises(SpeederError, match='left-padded'):
+        p.batch([[1, 0, 2]], [[2, 3, 4]])
 
 def test_duplicate_titles_name_neither(tok):
     items = [None, _item('Heat'), _item('Heat'), _item('Heathers')]
@@ -55,9 +65,11 @@ def test_llara_curriculum_trains_projector_only_in_hybrid_stage():
 
 def test_baseline_has_no_score_mode():
     model = baseline_model('text-only', _Items, random_features(60), SpeederConfig(llm='tiny'), device='cpu')
-    from speeder.llm import recommend
-    with pytest.raises(SpeederError, match='no score mode'): recommend(model, toy_split(2).histories, toy_split(2).candidates, 'score')
-    with pytest.raises(SpeederError, match='unknown baseline'): baseline_model('tallrec', _Items, random_features(60), SpeederConfig(llm='tiny'))
+    from speeder.answer import recommend
+    with pytest.raises(SpeederError, match='no score mode'):
+        recommend(model, toy_split(2).histories, toy_split(2).candidates, 'score')
+    with pytest.raises(SpeederError, match='unknown baseline'):
+        baseline_model('tallrec', _Items, random_features(60), SpeederConfig(llm='tiny'))
 
 def test_text_multimodal_reads_more_tokens_than_text_only(tok):
     ds = load_dataset('ml-100k')
@@ -109,7 +121,7 @@ def test_bad_methods_are_named(tmp_path):
         assert json.loads(r.stdout.strip().splitlines()[-1])['error']
 
 def test_compare_keeps_finished_methods(tmp_path):
-    from speeder.baselines import compare_main
+    from speeder.experiments import compare_main
     tiny = dict(max_steps=2, batch_size=4, train_examples=16, eval_examples=8, sequence_features='zeros', lora_r=4, d_model=32, n_heads=2)
     first = compare_main('ml-100k', 'tiny', ('text-only',), tmp_path, sasrec=False, **tiny)
     (tmp_path/'compare.json').write_text(json.dumps(dict(json.loads((tmp_path/'compare.json').read_text()),

@@ -3,8 +3,8 @@ only rank 0 writes and prints, and a killed torchrun run resumes to the same res
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
-from speeder.data import SpeederError
-from speeder.runs import train_main
+from speeder.config import SpeederError
+from speeder.experiments import train_main
 
 # dropout off and PPT off (its position pairs are drawn per batch, so 2 x 4 would draw other pairs than 1 x 8):
 # what is left differs between 1 and 2 processes only in the order of float additions
@@ -19,7 +19,8 @@ RTOL = 1e-5
 
 def _launcher(folder:Path)->Path:
     "What the `speeder` console script runs, as a file torchrun can start."
-    f = folder/'speeder_main.py'; f.write_text('from speeder.cli import main\nmain()\n')
+    f = folder/'speeder_main.py'
+    f.write_text('from speeder.cli import main\nmain()\n')
     return f
 
 def one_process(folder:Path, *args:str)->subprocess.CompletedProcess:
@@ -33,7 +34,8 @@ def torchrun_cmd(folder:Path, *args:str, n:int=2)->list:
 def torchrun(folder:Path, *args:str, n:int=2)->subprocess.CompletedProcess:
     return subprocess.run(torchrun_cmd(folder, *args, n=n), capture_output=True, text=True, timeout=300)
 
-def last_json(r:subprocess.CompletedProcess)->dict: return json.loads(r.stdout.splitlines()[-1])
+def last_json(r:subprocess.CompletedProcess)->dict:
+    return json.loads(r.stdout.splitlines()[-1])
 
 def history(run:Path)->list:
     "The loss history without the timings."
@@ -45,7 +47,8 @@ def assert_same_losses(ha:list, hb:list):
     assert len(ha) == len(hb)
     for ra, rb in zip(ha, hb):
         assert (ra['stage'], ra['step'], ra['lr']) == (rb['stage'], rb['step'], rb['lr'])
-        for k in ('lm_loss', 'grad_norm'): assert rb[k] == pytest.approx(ra[k], rel=RTOL), (ra['stage'], ra['step'], k)
+        for k in ('lm_loss', 'grad_norm'):
+            assert rb[k] == pytest.approx(ra[k], rel=RTOL), (ra['stage'], ra['step'], k)
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
@@ -85,9 +88,12 @@ def _children(pid:int)->list[int]:
     "Process ids whose parent is `pid` (torchrun starts each worker in a session of its own)."
     out = []
     for stat in Path('/proc').glob('[0-9]*/stat'):
-        try: fields = stat.read_text().rsplit(')', 1)[1].split()
-        except OSError: continue
-        if int(fields[1]) == pid: out.append(int(stat.parent.name))
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
     return out
 
 @pytest.mark.skipif(not Path('/proc').exists(), reason='needs /proc to find the worker processes')
@@ -100,10 +106,13 @@ def test_sigkilled_torchrun_run_resumes(runs):
     try:
         while time.time() - t0 < 300 and not appeared:
             appeared = latest.exists() and json.loads(latest.read_text())['checkpoint'].startswith('step-')
-            if not appeared: time.sleep(0.02)
-        for pid in _children(proc.pid): os.kill(pid, signal.SIGKILL)
+            if not appeared:
+                time.sleep(0.02)
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
     finally:
-        proc.kill(); proc.wait()
+        proc.kill()
+        proc.wait()
     assert appeared, 'no mid-stage checkpoint appeared within 300 s: nothing to resume from'
     assert not (d/'killed'/'metrics.json').exists(), 'the run finished before it could be killed'
     with pytest.raises(SpeederError, match='resume it with torchrun --nproc_per_node 2'):   # 1 process cannot continue it
@@ -111,5 +120,6 @@ def test_sigkilled_torchrun_run_resumes(runs):
     resumed = torchrun(d, 'train', '--resume', str(d/'killed'), '--json')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = last_json(two), last_json(resumed)
-    for k in ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'score_ndcg5', 'steps', 'world_size'): assert a[k] == b[k], k
+    for k in ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'score_ndcg5', 'steps', 'world_size'):
+        assert a[k] == b[k], k
     assert history(d/'killed') == history(d/'two')   # every loss, learning rate and gradient norm, step by step

@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location('check_docs', Path(__file__).parent/'docs'/'check_docs.py')
-cd = sys.modules.setdefault('check_docs', importlib.util.module_from_spec(_spec)); _spec.loader.exec_module(cd)
+cd = sys.modules.setdefault('check_docs', importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(cd)
 
 NBS = cd.notebooks()
 IDS = [p.name for p in NBS]
 
-def errors(findings): return [str(f) for f in findings if f.error]
+def errors(findings):
+    return [str(f) for f in findings if f.error]
 
 @pytest.fixture(scope='module')
 def processed():
@@ -41,7 +43,8 @@ def test_notebook_links_resolve(nb):
 
 @pytest.mark.parametrize('nb', NBS, ids=IDS)
 def test_exported_functions_have_show_doc(processed, nb):
-    if processed[nb]['error']: pytest.skip('processing failed (test_notebook_processes)')
+    if processed[nb]['error']:
+        pytest.skip('processing failed (test_notebook_processes)')
     assert errors(cd.check_show_doc(nb)) == []
 
 @pytest.mark.parametrize('module', cd.lib_modules())
@@ -133,7 +136,8 @@ def test_show_doc_names_follow_nbdev(tmp_path):
     assert list(names) == ['f', 'K'] and list(hidden) == ['helper'] and names['f'][0] == 'a'
 
 def test_check_sidebar_and_config_catch_drift(tmp_path):
-    _nb(tmp_path/'index.ipynb', ('md', '# I\n> s')); _nb(tmp_path/'00_data.ipynb', ('md', '# D\n> s'))
+    _nb(tmp_path/'index.ipynb', ('md', '# I\n> s'))
+    _nb(tmp_path/'00_data.ipynb', ('md', '# D\n> s'))
     (tmp_path/'sidebar.yml').write_text('website:\n  sidebar:\n    contents:\n      - index.ipynb\n      - 01_sasrec.ipynb\n')
     found = cd.check_sidebar(tmp_path)
     assert errors(found) == ['ERROR [sidebar] sidebar.yml: does not list 00_data.ipynb']

@@ -3,9 +3,12 @@ import html, os
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np, pytest
-import matplotlib; matplotlib.use('Agg')
+import matplotlib
+matplotlib.use('Agg')
 import matplotlib.pyplot as plt
-from speeder.data import SpeederError, data_root, write_amazon_fixture, load_dataset
+from speeder.config import SpeederError
+from speeder.assets import data_root
+from speeder.data import write_amazon_fixture, load_dataset
 import speeder.explore as ex
 import speeder.runs as runs
 
@@ -21,7 +24,8 @@ def amazon_run(tmp_path_factory):
     from speeder.sasrec import train_sasrec, SASRecConfig, sasrec_dir
     tmp = tmp_path_factory.mktemp('amazon')
     root, img = tmp/'data', tmp/'img'
-    root.mkdir(); (root/'.assets').symlink_to(data_root()/'.assets')   # the packaged encoders, already fetched
+    root.mkdir()
+    (root/'.assets').symlink_to(data_root()/'.assets')   # the packaged encoders, already fetched
     write_amazon_fixture(root/'amazon-toys', '2023', n_users=30, n_items=40, per_user=8, images=img)
     ds = load_dataset('amazon-toys', root, images=img)
     train_sasrec(ds, SASRecConfig(max_epochs=2), out_dir=sasrec_dir(ds, root), progress_bar=False)
@@ -65,8 +69,10 @@ def test_timestamps_and_sasrec_on_movielens(ml_runs):
     v = ex.answer_user(ml_runs[0], '1')
     times = [h['time'] for h in v['history']]
     assert all(t is not None for t in times) and times == sorted(times)   # oldest first, from the raw u.data file
-    if ml_runs[0].sasrec is None: assert 'speeder sasrec' in v['sasrec_note']
-    else: assert v['sasrec']['item'] in [c['item'] for c in v['candidates']]
+    if ml_runs[0].sasrec is None:
+        assert 'speeder sasrec' in v['sasrec_note']
+    else:
+        assert v['sasrec']['item'] in [c['item'] for c in v['candidates']]
 
 def test_runs_tab_and_run_switch_keep_the_user(ml_runs):
     ppl, no_ppl = ml_runs
@@ -98,14 +104,20 @@ def test_plots_are_figures(ml_runs):
             ex.plot_position_probe(ex.position_probe(run, '1'))]
     assert all(isinstance(f, plt.Figure) and f.axes for f in figs)
     assert 'target' in figs[0].axes[0].get_title() and v['target']['letter'] in figs[0].axes[0].get_title()
-    for f in figs: plt.close(f)
-    with pytest.raises(SpeederError, match='not in 1..'): ex.plot_item_attention(run, run.ds.n_items + 1)
+    for f in figs:
+        plt.close(f)
+    with pytest.raises(SpeederError, match='not in 1..'):
+        ex.plot_item_attention(run, run.ds.n_items + 1)
 
 def test_bad_input_names_the_problem(ml_runs, tmp_path):
-    with pytest.raises(SpeederError, match="unknown user 'nobody'"): ex.answer_user(ml_runs[0], 'nobody')
-    with pytest.raises(SpeederError, match='not a Speeder run folder'): ex.explore(tmp_path)
-    with pytest.raises(SpeederError, match='does not exist'): ex.explore(tmp_path/'missing')
-    with pytest.raises(SpeederError, match='at least one run'): ex.explore([])
+    with pytest.raises(SpeederError, match="unknown user 'nobody'"):
+        ex.answer_user(ml_runs[0], 'nobody')
+    with pytest.raises(SpeederError, match='not a Speeder run folder'):
+        ex.explore(tmp_path)
+    with pytest.raises(SpeederError, match='does not exist'):
+        ex.explore(tmp_path/'missing')
+    with pytest.raises(SpeederError, match='at least one run'):
+        ex.explore([])
 
 def test_env_var_names_the_runs(ml_runs, monkeypatch):
     monkeypatch.setenv(ex.EXPLORE_RUNS_ENV, os.pathsep.join(str(r.path) for r in ml_runs))
@@ -121,6 +133,7 @@ def test_amazon_images_timestamps_and_sasrec(amazon_run):
     assert 1_500_000_000 + u * 1000 <= first < 1_500_000_000 + (u + 1) * 1000
     assert datetime.fromtimestamp(first, tz=timezone.utc).strftime('%Y-%m-%d %H:%M') in app.history.value
     from speeder.sasrec import sasrec_scores
-    r = app.view['row']; ds = amazon_run.ds
+    r = app.view['row']
+    ds = amazon_run.ds
     best = int(ds.test.candidates[r][np.argmax(sasrec_scores(amazon_run.sasrec, ds.test)[r])])
     assert app.view['sasrec']['item'] == best and 'SASRec: ' + app.view['sasrec']['letter'] in app.verdict.value

@@ -2,16 +2,24 @@
 import json
 import numpy as np
 import pytest, torch
-from speeder.data import SpeederError, Split, fetch_asset, load_dataset
+from speeder.config import SpeederError
+from speeder.assets import fetch_asset
+from speeder.data import Split, load_dataset
 from speeder.features import ItemFeatures
-from speeder.llm import (toy_split, SpeederConfig, SpeederPrompt, SpeederRecommender, ITEM_TOKEN, LABELS, LOSS_KEYS, add_lora,
-                         check_causal_lm, evaluate, fit, load_backbone, recommend, render_prompt, reorder_histories, tiny_llm,
-                         smollm2_tokenizer, random_features)
+from speeder.config import SpeederConfig, LABELS
+from speeder.data import toy_split
+from speeder.features import random_features
+from speeder.backbone import add_lora, check_causal_lm, load_backbone, tiny_llm, smollm2_tokenizer
+from speeder.prompt import SpeederPrompt, ITEM_TOKEN, render_prompt
+from speeder.model import SpeederRecommender, LOSS_KEYS
+from speeder.answer import evaluate, recommend, reorder_histories
+from speeder.train import fit
 
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
     "The tiny stand-in is made of small ops: one thread is as fast, and far faster when other jobs share the CPU."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
@@ -19,7 +27,8 @@ def _features(n_items=60, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = {m: torch.randn(n_items + 1, d, generator=g) for m, d in dict(text=384, vision=1280, sequence=64).items()}
     present = torch.arange(n_items + 1) % 2 == 1
-    for x in t.values(): x[0] = 0
+    for x in t.values():
+        x[0] = 0
     t['vision'][~present] = 0
     return ItemFeatures(t['text'], t['vision'], present, t['sequence'])
 
@@ -32,31 +41,40 @@ _toy = toy_split   # the 05_llm notebook's toy: 8 memorisable examples over 60 i
 # --- the --llm path --------------------------------------------------------------------------------------------
 
 def test_llm_path_missing(tmp_path):
-    with pytest.raises(SpeederError, match='does not exist') as e: load_backbone(tmp_path/'no-such-llm')
+    with pytest.raises(SpeederError, match='does not exist') as e:
+        load_backbone(tmp_path/'no-such-llm')
     assert str(tmp_path/'no-such-llm') in str(e.value)
 
 def test_llm_path_not_a_causal_lm(tmp_path):
     minilm = fetch_asset('all-minilm-l6-v2')/'model'
-    with pytest.raises(SpeederError, match='not a causal') as e: load_backbone(minilm)
+    with pytest.raises(SpeederError, match='not a causal') as e:
+        load_backbone(minilm)
     assert str(minilm) in str(e.value) and 'BertModel' in str(e.value)
     (tmp_path/'empty').mkdir()
-    with pytest.raises(SpeederError, match='config.json') as e: load_backbone(tmp_path/'empty')
+    with pytest.raises(SpeederError, match='config.json') as e:
+        load_backbone(tmp_path/'empty')
     assert str(tmp_path/'empty') in str(e.value)
     (tmp_path/'file.bin').write_bytes(b'x')
-    with pytest.raises(SpeederError, match='not a model folder'): load_backbone(tmp_path/'file.bin')
-    bad = tmp_path/'badcfg'; bad.mkdir(); (bad/'config.json').write_text('{"hello": 1}')
-    with pytest.raises(SpeederError, match='cannot be loaded'): check_causal_lm(bad)
+    with pytest.raises(SpeederError, match='not a model folder'):
+        load_backbone(tmp_path/'file.bin')
+    bad = tmp_path/'badcfg'
+    bad.mkdir()
+    (bad/'config.json').write_text('{"hello": 1}')
+    with pytest.raises(SpeederError, match='cannot be loaded'):
+        check_causal_lm(bad)
 
 def test_llm_path_a_real_causal_lm_folder(tmp_path):
     "A saved LLaMA folder (the tiny one) loads through the generic path."
     tok = smollm2_tokenizer()
-    tiny_llm(tok).save_pretrained(tmp_path/'llm'); tok.save_pretrained(tmp_path/'llm')
+    tiny_llm(tok).save_pretrained(tmp_path/'llm')
+    tok.save_pretrained(tmp_path/'llm')
     model, tok2 = load_backbone(tmp_path/'llm')
     assert type(model).__name__ == 'LlamaForCausalLM' and len(tok2) == len(tok)
     assert torch.equal(model.get_input_embeddings().weight, tiny_llm(tok).get_input_embeddings().weight)
 
 def test_lora_targets_must_exist():
-    with pytest.raises(SpeederError, match='not linear layers') as e: add_lora(load_backbone('tiny')[0], targets=('q_proj', 'query'))
+    with pytest.raises(SpeederError, match='not linear layers') as e:
+        add_lora(load_backbone('tiny')[0], targets=('q_proj', 'query'))
     assert 'query' in str(e.value) and 'q_proj' in str(e.value).split('it has:')[1]
 
 # --- config ------------------------------------------------------------------------------------------------------
@@ -64,11 +82,16 @@ def test_lora_targets_must_exist():
 def test_config_roundtrip_and_unknown_keys():
     cfg = SpeederConfig(llm='tiny', modalities=('text', 'sequence'), lora_targets=['q_proj'])
     assert SpeederConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(SpeederError, match='lora_rank'): SpeederConfig.from_dict(dict(lora_rank=4))
-    with pytest.raises(SpeederError, match='audio'): SpeederConfig(modalities=('text', 'audio'))
-    with pytest.raises(SpeederError, match='text is always on'): SpeederConfig(modalities=('vision', 'sequence'))
-    with pytest.raises(SpeederError, match='dtype'): SpeederConfig(dtype='float8')
-    with pytest.raises(SpeederError, match='labels'): SpeederConfig(n_candidates=30)
+    with pytest.raises(SpeederError, match='lora_rank'):
+        SpeederConfig.from_dict(dict(lora_rank=4))
+    with pytest.raises(SpeederError, match='audio'):
+        SpeederConfig(modalities=('text', 'audio'))
+    with pytest.raises(SpeederError, match='text is always on'):
+        SpeederConfig(modalities=('vision', 'sequence'))
+    with pytest.raises(SpeederError, match='dtype'):
+        SpeederConfig(dtype='float8')
+    with pytest.raises(SpeederError, match='labels'):
+        SpeederConfig(n_candidates=30)
 
 # --- the prompt ----------------------------------------------------------------------------------------------------
 
@@ -84,17 +107,22 @@ def test_prompt_has_30_item_tokens():
 def test_prompt_bad_batches():
     p = SpeederPrompt(smollm2_tokenizer())
     h, c = np.array([[0] * 8 + [3, 4]]), np.arange(10, 30)[None]
-    with pytest.raises(SpeederError, match='not exactly once'): p.batch(h, c, targets=[99])
-    with pytest.raises(SpeederError, match='left-padded'): p.batch(np.array([[3, 4] + [0] * 8]), c)
-    with pytest.raises(SpeederError, match=r'expects \(1, 20\)'): p.batch(h, c[:, :10])
-    with pytest.raises(SpeederError, match='one token'): SpeederPrompt(smollm2_tokenizer(), n_candidates=2, labels=['B', 'Candidate12'])
+    with pytest.raises(SpeederError, match='not exactly once'):
+        p.batch(h, c, targets=[99])
+    with pytest.raises(SpeederError, match='left-padded'):
+        p.batch(np.array([[3, 4] + [0] * 8]), c)
+    with pytest.raises(SpeederError, match=r'expects \(1, 20\)'):
+        p.batch(h, c[:, :10])
+    with pytest.raises(SpeederError, match='one token'):
+        SpeederPrompt(smollm2_tokenizer(), n_candidates=2, labels=['B', 'Candidate12'])
 
 def test_history_longer_than_position_prompts():
     "A history wider than max_history is refused with a message that says how to fix it (no silent truncation)."
     m = _model(max_history=10)
     h = np.arange(1, 13)[None]            # 12 items, position prompts cover 10
     b = m.prompt.batch(h, np.arange(21, 41)[None], targets=[21])
-    with pytest.raises(SpeederError, match='12 slots but there are 10 position prompts') as e: m(b)
+    with pytest.raises(SpeederError, match='12 slots but there are 10 position prompts') as e:
+        m(b)
     assert 'histories[:, -10:]' in str(e.value)
     m(m.prompt.batch(h[:, -10:], np.arange(21, 41)[None], targets=[21]))   # the suggested fix works
 
@@ -103,10 +131,13 @@ def test_history_longer_than_position_prompts():
 def test_ppl_changes_only_history_positions():
     m = _model().eval()
     with torch.no_grad():
-        for p in m.ppl.parameters(): p.normal_()
+        for p in m.ppl.parameters():
+            p.normal_()
     b = m.prompt.batch(np.array([[0] * 7 + [5, 6, 7], list(range(1, 11))]), np.arange(21, 61).reshape(2, 20))
     with torch.no_grad():
-        on = m.embed(b); m.cfg.use_ppl = False; off = m.embed(b)
+        on = m.embed(b)
+        m.cfg.use_ppl = False
+        off = m.embed(b)
     changed = (on - off).abs().sum(-1) > 0
     for r in range(2):
         hp = b['hist_pos'][r][b['hist_pos'][r] >= 0]
@@ -117,7 +148,8 @@ def test_losses_and_modalities():
     b = m.prompt.batch(np.array([[0] * 7 + [5, 6, 7]]), np.arange(21, 41)[None], targets=[25])
     out = m(b)
     assert set(out) == set(LOSS_KEYS) and torch.isfinite(out['loss'])
-    with pytest.raises(SpeederError, match='targets'): m(m.prompt.batch(np.array([[0] * 7 + [5, 6, 7]]), np.arange(21, 41)[None]))
+    with pytest.raises(SpeederError, match='targets'):
+        m(m.prompt.batch(np.array([[0] * 7 + [5, 6, 7]]), np.arange(21, 41)[None]))
     text_only = m.item_tokens(torch.tensor([1, 2]), active=('text',))
     assert not torch.allclose(text_only, m.item_tokens(torch.tensor([1, 2])))
     assert torch.equal(m.item_tokens(torch.tensor([0, 1]))[0], torch.zeros(m.hidden))
@@ -129,9 +161,12 @@ def test_answer_modes_and_bad_modes():
     assert s['scores'].shape == (3, 20) and all(p in row for p, row in zip(s['picks'], c))
     g = recommend(m, h, c, 'generate')
     assert len(g['answers']) == 3 and all(p is None or p in row for p, row in zip(g['picks'], c))
-    with pytest.raises(SpeederError, match='answer mode'): recommend(m, h, c, 'beam')
-    with pytest.raises(SpeederError, match='item ids must lie in 0..60'): recommend(m, h, c + 1, 'score')
-    with pytest.raises(SpeederError, match='no saved candidates'): evaluate(m, Split(np.zeros(1), h[:1], np.array([25])))
+    with pytest.raises(SpeederError, match='answer mode'):
+        recommend(m, h, c, 'beam')
+    with pytest.raises(SpeederError, match='item ids must lie in 0..60'):
+        recommend(m, h, c + 1, 'score')
+    with pytest.raises(SpeederError, match='no saved candidates'):
+        evaluate(m, Split(np.zeros(1), h[:1], np.array([25])))
 
 def test_generate_and_score_agree_on_a_trained_toy():
     "Overfit 8 examples until both answer modes pick every target; then they agree."
@@ -151,7 +186,8 @@ def test_reorder_histories():
     assert all(sorted(r) == sorted(many[0]) for r in sh)                  # the same items
     assert (sh[:, 2:] != many[:, 2:]).any(1).all()                        # ... in another order, in every row
     assert len({tuple(r) for r in sh}) > 20                               # and not the same other order each time
-    with pytest.raises(SpeederError, match='order'): reorder_histories(h, 'sorted')
+    with pytest.raises(SpeederError, match='order'):
+        reorder_histories(h, 'sorted')
 
 # --- config checks -----------------------------------------------------------------------------------------------
 
@@ -165,7 +201,8 @@ def test_reorder_histories():
                                       (dict(warmup_steps=1.5), 'warmup_steps must be an integer'),
                                       (dict(drop_modality=-0.1), 'drop_modality must lie in [0, 1]')])
 def test_config_values_are_checked(bad, says):
-    with pytest.raises(SpeederError) as e: SpeederConfig(**bad)
+    with pytest.raises(SpeederError) as e:
+        SpeederConfig(**bad)
     assert says in str(e.value) and '\n' not in str(e.value)
 
 def test_config_accepts_json_and_comma_lists():
@@ -184,7 +221,7 @@ def test_drop_modality_masks_fixed_items():
 
 def test_item_tokens_stay_at_the_word_scale_and_apart():
     "Trained on the toy, the tiny model's item tokens keep the words' RMS and do not collapse onto one direction."
-    from speeder.llm import token_stats
+    from speeder.train import token_stats
     items, ends = torch.arange(1, 61), {}
     for w in (1.0, 0.0):
         m = _model(d_model=64, lora_r=8, lr=5e-3, batch_size=8, max_steps=120, warmup_steps=5, spread_weight=w)
@@ -198,7 +235,8 @@ def test_item_tokens_stay_at_the_word_scale_and_apart():
 
 def test_token_scale_none_is_mrc_raw_output():
     m = _model(token_scale='none')
-    with torch.no_grad(): x = m.item_tokens(torch.arange(1, 61))
+    with torch.no_grad():
+        x = m.item_tokens(torch.arange(1, 61))
     assert x.pow(2).mean().sqrt().item() != pytest.approx(m.word_rms.item(), rel=1e-2)
 
 def test_listwise_loss_and_its_switch():
@@ -213,7 +251,8 @@ def test_listwise_loss_and_its_switch():
     assert np.mean([r['listwise_acc'] for r in hist[-10:]]) > np.mean([r['listwise_acc'] for r in hist[:10]])
 
 def test_item_lr_sets_its_own_groups():
-    from speeder.llm import _optimizer, group_parameters
+    from speeder.model import group_parameters
+    from speeder.train import _optimizer
     m = _model(lr=1e-3, item_lr=5e-3)
     opt = _optimizer(m, m.trainable_parameters(), m.cfg)
     lora = {id(p) for p in group_parameters(m, 'lora')}

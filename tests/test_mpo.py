@@ -1,6 +1,6 @@
 "MPO stage plans: which stages a run gets, and the errors a bad order gives."
 import pytest
-from speeder.data import SpeederError
+from speeder.config import SpeederError
 import speeder.mpo as mpo
 
 def test_stage_plans():
@@ -11,7 +11,8 @@ def test_stage_plans():
     assert names(modalities=('text', 'sequence')) == ['text', 'joint']
     assert names(mpo='off') == ['joint']
     assert names(order=('sequence', 'text', 'vision')) == ['sequence', 'text', 'joint']
-    with pytest.raises(SpeederError, match='--mpo-order'): mpo.mpo_stages(order=('text', 'text', 'vision'))
+    with pytest.raises(SpeederError, match='--mpo-order'):
+        mpo.mpo_stages(order=('text', 'text', 'vision'))
 
 def test_stage_steps_cover_the_budget():
     stages, _ = mpo.mpo_stages(has_images=False, mpo='on')

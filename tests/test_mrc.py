@@ -4,8 +4,9 @@ import pytest, torch
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
-from speeder.data import SpeederError
-from speeder.mrc import (MODALITIES, MRC, MoME, MoMEBlock, ModalityAdapter, item_inputs, modality_contributions,
+from speeder.config import SpeederError
+from speeder.config import MODALITIES
+from speeder.mrc import (MRC, MoME, MoMEBlock, ModalityAdapter, item_inputs, modality_contributions,
                          plot_modality_attention, plot_modality_contributions, pooling_weights)
 
 DIMS = {'text': 384, 'vision': 1280, 'sequence': 64}
@@ -19,7 +20,8 @@ def _inputs(B=6, seed=0):
 def _mrc(n_blocks=2, gate=0.0, seed=0, **kw):
     torch.manual_seed(seed)
     m = MRC(DIMS, d_model=32, llm_hidden=48, n_blocks=n_blocks, n_heads=4, **kw).eval()
-    with torch.no_grad(): m.vision_gate.fill_(gate)
+    with torch.no_grad():
+        m.vision_gate.fill_(gate)
     return m
 
 def test_output_shape_and_attention():
@@ -47,7 +49,8 @@ def test_missing_vision_is_masked(use_gate, gate):
     assert torch.equal(a[absent], b[absent])
     if gate != 0.0 or not use_gate:                      # the masking is per item, not global
         assert not torch.allclose(a[~absent], b[~absent])
-    else: assert torch.equal(a, b)                        # closed gate: no item sees its image
+    else:
+        assert torch.equal(a, b)                        # closed gate: no item sees its image
     assert torch.isfinite(b).all()
 
 def test_missing_sequence_is_masked():
@@ -70,7 +73,8 @@ def test_hard_routing():
     with torch.no_grad():
         before, before_txt = mrc(feats, present), mrc(feats, present, active=('text', 'sequence'))
         for blk in mrc.mome.blocks:
-            for p in blk.experts['vision'].parameters(): p.add_(torch.randn_like(p))
+            for p in blk.experts['vision'].parameters():
+                p.add_(torch.randn_like(p))
         after, after_txt = mrc(feats, present), mrc(feats, present, active=('text', 'sequence'))
     absent = ~present['vision']
     assert torch.equal(before[absent], after[absent]) and torch.equal(before_txt, after_txt)
@@ -82,7 +86,8 @@ def test_block_routes_each_token_to_its_own_expert():
     x, missing = torch.randn(3, 3, 16), torch.zeros(3, 3, dtype=torch.bool)
     with torch.no_grad():
         y0, _ = blk(x, missing)
-        for p in blk.experts['sequence'].parameters(): p.mul_(2)
+        for p in blk.experts['sequence'].parameters():
+            p.mul_(2)
         y1, _ = blk(x, missing)
     assert torch.equal(y0[:, :2], y1[:, :2]) and not torch.allclose(y0[:, 2], y1[:, 2])
 
@@ -92,7 +97,8 @@ def test_zero_gate_is_exactly_text_only_and_gradient_flows():
     stage1 = mrc(feats, present, active=('text', 'sequence'))
     no_images = mrc(feats, {'vision': torch.zeros(6, dtype=torch.bool)})
     assert torch.equal(with_vision, stage1) and torch.equal(with_vision, no_images)
-    mrc.zero_grad(); with_vision.pow(2).sum().backward()
+    mrc.zero_grad()
+    with_vision.pow(2).sum().backward()
     assert mrc.vision_gate.grad is not None and mrc.vision_gate.grad.abs().item() > 0
     # the vision adapter gets no gradient at g = 0 (its path is scaled by tanh(0) = 0) but the gate does
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in mrc.adapters['vision'].parameters())
@@ -110,7 +116,8 @@ def test_no_gate_lets_vision_in_and_equals_open_gate():
     stage1, nogate = mrc(feats, present, active=('text', 'sequence')), mrc(feats, present, use_gate=False)
     has = present['vision']
     assert not torch.allclose(nogate[has], stage1[has]) and torch.equal(nogate[~has], stage1[~has])
-    with torch.no_grad(): mrc.vision_gate.fill_(50.0)   # tanh(g) = 1
+    with torch.no_grad():
+        mrc.vision_gate.fill_(50.0)   # tanh(g) = 1
     assert torch.allclose(mrc(feats, present), nogate, atol=1e-5)
 
 def test_inactive_vision_equals_absent_vision():
@@ -138,16 +145,20 @@ def test_parameter_groups_partition_the_model():
     shared = {id(p) for p in mrc.shared_parameters()}
     assert all(id(p) in shared for p in mrc.output_adapter.parameters())
     assert all(id(p) in shared for b in mrc.mome.blocks for p in b.attn.parameters())
-    with pytest.raises(SpeederError, match='unknown modality'): mrc.modality_parameters('audio')
+    with pytest.raises(SpeederError, match='unknown modality'):
+        mrc.modality_parameters('audio')
 
 def test_freezing_text_keeps_text_params_fixed():
     mrc, (feats, present) = _mrc(gate=0.0), _inputs()
     mrc.train()
-    for p in mrc.parameters(): p.requires_grad_(False)
-    for p in mrc.modality_parameters('vision'): p.requires_grad_(True)
+    for p in mrc.parameters():
+        p.requires_grad_(False)
+    for p in mrc.modality_parameters('vision'):
+        p.requires_grad_(True)
     opt = torch.optim.SGD(mrc.modality_parameters('vision'), lr=0.1)
     text_before = [p.clone() for p in mrc.modality_parameters('text')]
-    mrc(feats, present).pow(2).mean().backward(); opt.step()
+    mrc(feats, present).pow(2).mean().backward()
+    opt.step()
     assert all(torch.equal(a, b) for a, b in zip(text_before, mrc.modality_parameters('text')))
     assert mrc.vision_gate.item() != 0.0
 
@@ -161,15 +172,23 @@ def test_bad_inputs():
     assert mrc({k: v for k, v in feats.items() if k != 'vision'}, active=('text', 'sequence')).shape == (6, 48)
     with pytest.raises(SpeederError, match='text is always present'):
         mrc(feats, {'text': torch.tensor([True] * 5 + [False])})
-    with pytest.raises(SpeederError, match='"text" must be active'): mrc(feats, present, active=('vision',))
-    with pytest.raises(SpeederError, match="unknown active modality 'audio'"): mrc(feats, present, active=('text', 'audio'))
-    with pytest.raises(SpeederError, match=r"present\['vision'\] has shape \(5,\)"): mrc(feats, {'vision': torch.ones(5).bool()})
-    with pytest.raises(SpeederError, match='sequence features have leading shape'): mrc(dict(feats, sequence=torch.randn(5, 64)), present)
-    with pytest.raises(SpeederError, match='no "text" entry'): MRC({'vision': 1280})
-    with pytest.raises(SpeederError, match="unknown modality 'audio'"): MRC({'text': 8, 'audio': 4})
-    with pytest.raises(SpeederError, match='not divisible'): MRC({'text': 8}, d_model=30, n_heads=4)
+    with pytest.raises(SpeederError, match='"text" must be active'):
+        mrc(feats, present, active=('vision',))
+    with pytest.raises(SpeederError, match="unknown active modality 'audio'"):
+        mrc(feats, present, active=('text', 'audio'))
+    with pytest.raises(SpeederError, match=r"present\['vision'\] has shape \(5,\)"):
+        mrc(feats, {'vision': torch.ones(5).bool()})
+    with pytest.raises(SpeederError, match='sequence features have leading shape'):
+        mrc(dict(feats, sequence=torch.randn(5, 64)), present)
+    with pytest.raises(SpeederError, match='no "text" entry'):
+        MRC({'vision': 1280})
+    with pytest.raises(SpeederError, match="unknown modality 'audio'"):
+        MRC({'text': 8, 'audio': 4})
+    with pytest.raises(SpeederError, match='not divisible'):
+        MRC({'text': 8}, d_model=30, n_heads=4)
     no_vis = MRC({'text': 8}, d_model=16)
-    with pytest.raises(SpeederError, match="features for 'vision'"): no_vis({'text': torch.randn(2, 8), 'vision': torch.randn(2, 4)})
+    with pytest.raises(SpeederError, match="features for 'vision'"):
+        no_vis({'text': torch.randn(2, 8), 'vision': torch.randn(2, 4)})
 
 def test_item_inputs():
     from speeder.features import ItemFeatures
@@ -179,24 +198,29 @@ def test_item_inputs():
     feats, present = item_inputs(table, ids)
     assert feats['vision'].shape == (2, 3, 1280) and present['vision'].tolist() == [[False, True, False], [True, True, False]]
     assert _mrc()(feats, present).shape == (2, 3, 48)
-    with pytest.raises(SpeederError, match=r'item ids must lie in \[0, 5\]; got 0..6'): item_inputs(table, torch.tensor([0, 6]))
+    with pytest.raises(SpeederError, match=r'item ids must lie in \[0, 5\]; got 0..6'):
+        item_inputs(table, torch.tensor([0, 6]))
 
 def test_contributions_and_plots():
     mrc, (feats, present) = _mrc(gate=0.0), _inputs()
     r = modality_contributions(mrc, feats, present)
     assert r['gate'] == 0.0 and r['pooled']['vision'] == 0.0 and r['dropped']['vision'] == 0.0
     assert r['pooled']['text'] > 0 and r['dropped']['sequence'] > 0
-    with torch.no_grad(): mrc.vision_gate.fill_(0.5)
+    with torch.no_grad():
+        mrc.vision_gate.fill_(0.5)
     r = modality_contributions(mrc, feats, present)
     assert math.isclose(r['gate'], math.tanh(0.5), rel_tol=1e-6) and r['dropped']['vision'] > 0
     _, attn = mrc(feats, present, return_attention=True)
     for fig in (plot_modality_attention(attn), plot_modality_attention(attn[:, 0]), plot_modality_contributions(mrc, feats, present)):
-        assert isinstance(fig, plt.Figure); plt.close(fig)
-    with pytest.raises(SpeederError, match='3 modalities but 2 names'): plot_modality_attention(attn, ('text', 'vision'))
+        assert isinstance(fig, plt.Figure)
+        plt.close(fig)
+    with pytest.raises(SpeederError, match='3 modalities but 2 names'):
+        plot_modality_attention(attn, ('text', 'vision'))
 
 def test_training_mode_is_restored():
     mrc, (feats, present) = _mrc(), _inputs()
-    mrc.train(); modality_contributions(mrc, feats, present)
+    mrc.train()
+    modality_contributions(mrc, feats, present)
     assert mrc.training
 
 def test_adapter_and_mome_shapes():

@@ -4,7 +4,8 @@ import errno, json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from speeder.cli import run_cli
-from speeder.data import SpeederError, data_root
+from speeder.config import SpeederError
+from speeder.assets import data_root
 import speeder.runs as runs
 from speeder.mpo import RunInterrupted
 
@@ -30,7 +31,8 @@ def one_line_error(r:subprocess.CompletedProcess, says:str):
 def fresh_data(tmp_path):
     "A data folder with ML-100k's processed files and the assets, but no SASRec and no feature cache."
     real = data_root()
-    d = tmp_path/'data'; (d/'ml-100k').mkdir(parents=True)
+    d = tmp_path/'data'
+    (d/'ml-100k').mkdir(parents=True)
     (d/'.assets').symlink_to(real/'.assets')
     shutil.copytree(real/'ml-100k'/'processed', d/'ml-100k'/'processed')
     return d
@@ -44,8 +46,13 @@ def finished_run(tmp_path_factory):
 # --- names and folders ----------------------------------------------------------------------------------------------
 
 def test_names_cannot_escape(tmp_path):
-    base = tmp_path/'base'; rd = base/'runs'; (rd/'keep').mkdir(parents=True); (rd/'keep'/'config.json').write_text('{}')
-    victim = base/'victim'; victim.mkdir(); (victim/'precious.txt').write_text('x')
+    base = tmp_path/'base'
+    rd = base/'runs'
+    (rd/'keep').mkdir(parents=True)
+    (rd/'keep'/'config.json').write_text('{}')
+    victim = base/'victim'
+    victim.mkdir()
+    (victim/'precious.txt').write_text('x')
     before = tree(tmp_path)
     for name in ('../victim', '.', '../../tmp/escape', '..', 'a/b'):
         r = run_cli('train', *TINY_CLI, '--runs-dir', str(rd), '--name', name, '--overwrite', '--json')
@@ -53,7 +60,8 @@ def test_names_cannot_escape(tmp_path):
     assert tree(tmp_path) == before and not Path('/tmp/escape').exists()
 
 def test_overwrite_replaces_only_on_success(finished_run, tmp_path):
-    rd = tmp_path/'runs'; shutil.copytree(finished_run[0], rd/'goodrun')
+    rd = tmp_path/'runs'
+    shutil.copytree(finished_run[0], rd/'goodrun')
     before = tree(tmp_path)
     r = run_cli('train', *TINY_CLI, '--runs-dir', str(rd), '--name', 'goodrun', '--overwrite', '--llm', str(tmp_path/'typo'),
                 '--json')
@@ -67,16 +75,19 @@ def test_overwrite_replaces_only_on_success(finished_run, tmp_path):
 
 def test_failed_overwrite_keeps_the_old_run(finished_run, tmp_path, monkeypatch):
     "An overwrite that fails while training leaves the old run as it was and nothing of its own."
-    rd = tmp_path/'runs'; shutil.copytree(finished_run[0], rd/'goodrun')
+    rd = tmp_path/'runs'
+    shutil.copytree(finished_run[0], rd/'goodrun')
     before = tree(tmp_path)
-    def broken(*a, **k): raise SpeederError('the GPU caught fire')
+    def broken(*a, **k):
+        raise SpeederError('the GPU caught fire')
     monkeypatch.setattr(runs, 'train_stages', broken)
     with pytest.raises(SpeederError, match='caught fire'):
         runs.train_main('ml-100k', 'tiny', 'goodrun', runs_dir=rd, overwrite=True, max_steps=2, **TINY)
     assert tree(tmp_path) == before
 
 def test_failed_start_leaves_nothing(tmp_path, monkeypatch):
-    def broken(*a, **k): raise SpeederError('features went missing')
+    def broken(*a, **k):
+        raise SpeederError('features went missing')
     monkeypatch.setattr(runs, 'build_model', broken)
     with pytest.raises(SpeederError, match='features went missing'):
         runs.train_main('ml-100k', 'tiny', 'r', runs_dir=tmp_path, max_steps=2, **TINY)
@@ -85,7 +96,8 @@ def test_failed_start_leaves_nothing(tmp_path, monkeypatch):
     assert runs.train_main('ml-100k', 'tiny', 'r', runs_dir=tmp_path, max_steps=2, **TINY)['steps'] == 2
 
 def test_unwritable_run_dir(tmp_path):
-    blocker = tmp_path/'file'; blocker.write_text('x')
+    blocker = tmp_path/'file'
+    blocker.write_text('x')
     with pytest.raises(SpeederError, match='is a file'):
         runs.train_main('ml-100k', 'tiny', 'r', runs_dir=blocker, max_steps=2, **TINY)
 
@@ -128,7 +140,8 @@ def test_json_errors_for_usage_and_unknown_commands():
         one_line_error(run_cli(*args), says)
 
 def test_resume_needs_a_run(tmp_path):
-    with pytest.raises(SpeederError, match='not a Speeder run folder'): runs.train_main(resume=tmp_path)
+    with pytest.raises(SpeederError, match='not a Speeder run folder'):
+        runs.train_main(resume=tmp_path)
     r = run_cli('train', '--resume', str(tmp_path/'missing'), '--json')
     one_line_error(r, 'not a Speeder run folder')
     one_line_error(run_cli('train', '--resume', str(tmp_path), '--llm', 'tiny', '--json'), 'drop --dataset and --llm')
@@ -136,7 +149,8 @@ def test_resume_needs_a_run(tmp_path):
 def test_llm_path_missing_or_not_causal(tmp_path):
     r = run_cli('train', '--llm', str(tmp_path/'nope'), '--runs-dir', str(tmp_path), '--json', '--max-steps', '2')
     one_line_error(r, str(tmp_path/'nope'))
-    enc = tmp_path/'encoder'; enc.mkdir()
+    enc = tmp_path/'encoder'
+    enc.mkdir()
     (enc/'config.json').write_text(json.dumps(dict(model_type='bert', architectures=['BertModel'])))
     r = run_cli('train', '--llm', str(enc), '--runs-dir', str(tmp_path), '--json', '--max-steps', '2')
     one_line_error(r, 'not a causal')
@@ -166,33 +180,45 @@ def test_every_entry_point_opens_a_cli_run(tmp_path):
     assert cfg.max_steps == 4 and model.is_stand_in
 
 def test_unfinished_runs_are_not_opened(finished_run, tmp_path):
-    run = tmp_path/'copy'; shutil.copytree(finished_run[0], run); (run/'metrics.json').unlink()
-    with pytest.raises(SpeederError, match='has not finished'): runs.load_trained(run)
+    run = tmp_path/'copy'
+    shutil.copytree(finished_run[0], run)
+    (run/'metrics.json').unlink()
+    with pytest.raises(SpeederError, match='has not finished'):
+        runs.load_trained(run)
 
 def test_hidden_size_mismatch(finished_run, tmp_path):
-    run = tmp_path/'copy'; shutil.copytree(finished_run[0], run)
+    run = tmp_path/'copy'
+    shutil.copytree(finished_run[0], run)
     mods = torch.load(run/'modules.pt', weights_only=True)
-    w = mods['mrc']['output_adapter.3.weight']; mods['mrc']['output_adapter.3.weight'] = torch.zeros(4096, w.shape[1])
+    w = mods['mrc']['output_adapter.3.weight']
+    mods['mrc']['output_adapter.3.weight'] = torch.zeros(4096, w.shape[1])
     torch.save(mods, run/'modules.pt')
-    with pytest.raises(SpeederError, match='hidden size 4096'): runs.evaluate_main(run, 'score', 5)
+    with pytest.raises(SpeederError, match='hidden size 4096'):
+        runs.evaluate_main(run, 'score', 5)
 
 def test_recommend_unknown_user(finished_run):
-    with pytest.raises(SpeederError, match="unknown user 'nobody'"): runs.recommend_main(finished_run[0], 'nobody')
+    with pytest.raises(SpeederError, match="unknown user 'nobody'"):
+        runs.recommend_main(finished_run[0], 'nobody')
 
 # --- checkpoints and the finished marker -----------------------------------------------------------------------------
 
-def disk_full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
+def disk_full(*a, **k):
+    raise OSError(errno.ENOSPC, 'No space left on device')
 
 @pytest.mark.parametrize('where', ['torch_save', 'peft_save', 'safetensors'])
 def test_failed_checkpoint_write_keeps_previous(finished_run, monkeypatch, tmp_path, where):
-    run = tmp_path/'copy'; shutil.copytree(finished_run[0], run)
+    run = tmp_path/'copy'
+    shutil.copytree(finished_run[0], run)
     before = (run/'checkpoints'/'latest.json').read_text()
     model, ds, cfg = runs.load_trained(run)
-    if where == 'torch_save': monkeypatch.setattr(runs.torch, 'save', disk_full)
-    elif where == 'peft_save': monkeypatch.setattr(type(model.llm), 'save_pretrained', disk_full)
+    if where == 'torch_save':
+        monkeypatch.setattr(runs.torch, 'save', disk_full)
+    elif where == 'peft_save':
+        monkeypatch.setattr(type(model.llm), 'save_pretrained', disk_full)
     else:
         import peft.peft_model   # peft writes the adapter with safetensors' save_file
-        def bad_file(*a, **k): raise RuntimeError('safetensors: I/O error: No space left on device (os error 28)')
+        def bad_file(*a, **k):
+            raise RuntimeError('safetensors: I/O error: No space left on device (os error 28)')
         monkeypatch.setattr(peft.peft_model, 'safe_save_file', bad_file)
     with pytest.raises(SpeederError, match='No space left on device.*; the previous checkpoint is intact'):
         runs.save_checkpoint(model, run, 'step-000099', dict(stage=0, fit_state=None, stage_results=[], history=[], gates=[]))
@@ -202,24 +228,29 @@ def test_failed_checkpoint_write_keeps_previous(finished_run, monkeypatch, tmp_p
 
 def test_failed_final_save_is_not_finished_and_resumes(tmp_path, monkeypatch):
     "A crash while the final results are written leaves a run without metrics.json that --resume finishes."
-    def broken(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
+    def broken(*a, **k):
+        raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(runs, 'write_report', broken)
     with pytest.raises(SpeederError, match='its last checkpoint is intact: continue it with --resume'):
         runs.train_main('ml-100k', 'tiny', 'crash', runs_dir=tmp_path, max_steps=4, **TINY)
     assert not (tmp_path/'crash'/'metrics.json').exists()
-    with pytest.raises(SpeederError, match='has not finished'): runs.load_trained(tmp_path/'crash')
+    with pytest.raises(SpeederError, match='has not finished'):
+        runs.load_trained(tmp_path/'crash')
     monkeypatch.undo()
     res = runs.train_main(resume=tmp_path/'crash')
     assert res['steps'] == 4 and (tmp_path/'crash'/'metrics.json').exists()
 
 def test_resuming_a_crafted_checkpoint_executes_nothing(tmp_path):
     "A stranger's run folder whose state.pt unpickles into a command is refused, and the command never runs."
-    try: runs.train_main('ml-100k', 'tiny', 'stranger', runs_dir=tmp_path, max_steps=8, checkpoint_every=2, stop_after=3,
+    try:
+        runs.train_main('ml-100k', 'tiny', 'stranger', runs_dir=tmp_path, max_steps=8, checkpoint_every=2, stop_after=3,
                          **TINY)
-    except RunInterrupted: pass
+    except RunInterrupted:
+        pass
     marker = tmp_path/'pwned'
     class Payload:
-        def __reduce__(self): return (os.system, (f'touch {marker}',))
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
     ck = runs.latest_checkpoint(tmp_path/'stranger')
     torch.save(dict(fit=Payload()), ck/'state.pt')
     r = run_cli('train', '--resume', str(tmp_path/'stranger'), '--json')
@@ -237,14 +268,17 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     latest, t0, appeared = tmp_path/'killed'/'checkpoints'/'latest.json', time.time(), False
     while time.time() - t0 < 300 and not appeared:
         appeared = latest.exists() and json.loads(latest.read_text())['checkpoint'].startswith('step-')
-        if not appeared: time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait()
+        if not appeared:
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert appeared, 'no mid-stage checkpoint appeared within 300 s: nothing to resume from'
     assert not (tmp_path/'killed'/'metrics.json').exists(), 'the run finished before it could be killed'
     resumed = run_cli('train', '--resume', str(tmp_path/'killed'), '--json')
     assert resumed.returncode == 0, resumed.stderr
     a, b = json.loads(clean.stdout.splitlines()[-1]), json.loads(resumed.stdout.splitlines()[-1])
-    for k in ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'score_ndcg5', 'steps'): assert a[k] == b[k], k
+    for k in ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'score_ndcg5', 'steps'):
+        assert a[k] == b[k], k
 
 # --- ablations ----------------------------------------------------------------------------------------------------------
 
@@ -254,7 +288,8 @@ def test_ablate_table_and_plot(tmp_path):
     assert [r['variant'] for r in out['rows']] == ['speeder', 'no-ppl', 'drop-modality-0.5']
     assert Path(out['plot']).exists() and all(0 <= r['vhr1'] <= 1 for r in out['rows'])
     assert json.loads((tmp_path/'ablate-ml-100k-no-ppl'/'config.json').read_text())['use_ppl'] is False
-    with pytest.raises(SpeederError, match='unknown ablation'): runs.ablate_main('ml-100k', 'tiny', ['nope'], runs_dir=tmp_path)
+    with pytest.raises(SpeederError, match='unknown ablation'):
+        runs.ablate_main('ml-100k', 'tiny', ['nope'], runs_dir=tmp_path)
     with pytest.raises(SpeederError, match='already exists'):   # checked before the first variant trains
         runs.ablate_main('ml-100k', 'tiny', ['no-ppt', 'speeder'], runs_dir=tmp_path, max_steps=2, **TINY)
     assert not (tmp_path/'ablate-ml-100k-no-ppt').exists()

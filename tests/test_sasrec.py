@@ -1,7 +1,8 @@
 "SASRec: missing/stale checkpoints give one clear error naming the command; a tiny training run writes its files."
 import json
 import numpy as np, pytest, torch
-from speeder.data import SpeederError, prepare_dataset, write_amazon_fixture
+from speeder.config import SpeederError
+from speeder.data import prepare_dataset, write_amazon_fixture
 from speeder.sasrec import (SASRec, SASRecConfig, attention_mask, load_sasrec, sasrec_dir, sasrec_item_embeddings,
                             sasrec_main, sasrec_scores, train_sasrec, training_windows)
 
@@ -16,7 +17,8 @@ def test_embeddings_before_training_name_the_command(toys):
     with pytest.raises(SpeederError, match=r'run `speeder sasrec --dataset amazon-toys` first') as e:
         sasrec_item_embeddings(toys)
     assert 'item_embeddings.pt' in str(e.value)
-    with pytest.raises(SpeederError, match='speeder sasrec --dataset amazon-toys'): load_sasrec(toys)
+    with pytest.raises(SpeederError, match='speeder sasrec --dataset amazon-toys'):
+        load_sasrec(toys)
 
 def test_tiny_train_writes_files(toys):
     model, res = train_sasrec(toys, SASRecConfig(**TINY), progress_bar=False)
@@ -26,7 +28,8 @@ def test_tiny_train_writes_files(toys):
     emb = sasrec_item_embeddings(toys)
     assert emb.shape == (toys.n_items + 1, 16) and emb[0].abs().sum() == 0
     m = json.loads((d/'metrics.json').read_text())
-    for k in ('hr1', 'hr5', 'ndcg5', 'valid', 'best_epoch', 'epochs', 'wall_s', 'n_params', 'config'): assert k in m, k
+    for k in ('hr1', 'hr5', 'ndcg5', 'valid', 'best_epoch', 'epochs', 'wall_s', 'n_params', 'config'):
+        assert k in m, k
     assert m['epochs'] == 3 and 1 <= m['best_epoch'] <= 3 and m['config']['d_model'] == 16
     assert 0 <= m['hr1'] <= m['hr5'] <= 1
     scores = sasrec_scores(load_sasrec(toys), toys.test)
@@ -45,7 +48,8 @@ def test_embeddings_of_another_build_are_refused(toys, amazon, tmp_path):
     root, _, img = amazon
     raw2 = write_amazon_fixture(tmp_path/'raw2', '2023', n_users=30, n_items=45, per_user=8, images=img, seed=1)
     other = prepare_dataset('amazon-toys', root=root, raw_dir=raw2)   # same folder, different data
-    with pytest.raises(SpeederError, match='another build of amazon-toys'): sasrec_item_embeddings(other)
+    with pytest.raises(SpeederError, match='another build of amazon-toys'):
+        sasrec_item_embeddings(other)
 
 def test_sasrec_main_flat_row(tmp_path):
     root = tmp_path/'data'
@@ -57,8 +61,10 @@ def test_sasrec_main_flat_row(tmp_path):
     json.dumps(r)
 
 def test_bad_settings():
-    with pytest.raises(SpeederError, match='unknown SASRec setting'): sasrec_main('ml-100k', epochz=3)
-    with pytest.raises(SpeederError, match='not divisible'): SASRec(10, SASRecConfig(d_model=10, n_heads=3))
+    with pytest.raises(SpeederError, match='unknown SASRec setting'):
+        sasrec_main('ml-100k', epochz=3)
+    with pytest.raises(SpeederError, match='not divisible'):
+        SASRec(10, SASRecConfig(d_model=10, n_heads=3))
 
 def test_shapes_and_causality():
     torch.manual_seed(0)
@@ -67,7 +73,8 @@ def test_shapes_and_causality():
     out = model(h)
     assert out.shape == (2, 6, 8) and torch.isfinite(out).all()
     assert model.score_candidates(h, torch.randint(1, 21, (2, 20))).shape == (2, 20)
-    h2 = h.clone(); h2[:, 4] = 9                      # change a later item: earlier states must not move
+    h2 = h.clone()
+    h2[:, 4] = 9                      # change a later item: earlier states must not move
     torch.testing.assert_close(model(h2)[:, :4], out[:, :4])
     long = torch.randint(1, 21, (3, 15))              # longer than max_len: only the last 10 are read
     torch.testing.assert_close(model(long), model(long[:, -10:]))

@@ -23,7 +23,9 @@ def find_chromium():
     return next((shutil.which(b) for b in ('chromium', 'chromium-browser', 'google-chrome') if shutil.which(b)), None)
 
 def free_port()->int:
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 # ----------------------------------------------------------------------------------------------------------------
 # JupyterLab
@@ -48,7 +50,8 @@ def wait_for_lab(port:int, token:str, proc, timeout:float=90):
         try:
             with urllib.request.urlopen(f'http://127.0.0.1:{port}/api/status?token={token}', timeout=2) as r:
                 if r.status == 200: return
-        except OSError: time.sleep(0.5)
+        except OSError:
+            time.sleep(0.5)
     raise TimeoutError(f'jupyter lab did not answer on port {port} within {timeout}s')
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,17 +63,20 @@ class Chromium:
         to_chrome_r, self._w = os.pipe()
         self._r, from_chrome_w = os.pipe()
         def fds():
-            os.dup2(to_chrome_r, 3); os.dup2(from_chrome_w, 4)
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
         self.proc = subprocess.Popen([exe, '--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-sync',
                                       '--disable-background-networking', '--disable-component-update', '--hide-scrollbars',
                                       '--remote-debugging-pipe', f'--user-data-dir={profile}', f'--window-size={size[0]},{size[1]}',
                                       'about:blank'], pass_fds=(3, 4), preexec_fn=fds, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
-        os.close(to_chrome_r); os.close(from_chrome_w)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
         self._buf, self._id, self.session, self.size = b'', 0, None, size
         page = next(t for t in self.call('Target.getTargets')['targetInfos'] if t['type'] == 'page')
         self.session = self.call('Target.attachToTarget', targetId=page['targetId'], flatten=True, _session=False)['sessionId']
-        self.call('Page.enable'); self.call('Runtime.enable')
+        self.call('Page.enable')
+        self.call('Runtime.enable')
         self.call('Emulation.setFocusEmulationEnabled', enabled=True)   # the page behaves as if it had focus
         self.call('Emulation.setDeviceMetricsOverride', width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
 
@@ -85,7 +91,8 @@ class Chromium:
     def call(self, method:str, _session:bool=True, **params)->dict:
         self._id += 1
         msg = dict(id=self._id, method=method, params=params)
-        if _session and self.session: msg['sessionId'] = self.session
+        if _session and self.session:
+            msg['sessionId'] = self.session
         os.write(self._w, json.dumps(msg).encode() + b'\0')
         while True:
             m = self._read()
@@ -105,7 +112,8 @@ class Chromium:
             try:
                 v = self.js(expr)
                 if v: return v
-            except RuntimeError: pass
+            except RuntimeError:
+                pass
             time.sleep(every)
         raise TimeoutError(f'waited {timeout:.0f}s for {what or expr[:80]}')
 
@@ -117,16 +125,23 @@ class Chromium:
 
     def screenshot(self, png:Path)->Path:
         data = self.call('Page.captureScreenshot', format='png')['data']
-        png.write_bytes(base64.b64decode(data)); return png
+        png.write_bytes(base64.b64decode(data))
+        return png
 
     def close(self):
-        try: self.call('Browser.close', _session=False)
-        except Exception: pass
-        try: self.proc.wait(10)
-        except subprocess.TimeoutExpired: os.killpg(self.proc.pid, 9)
+        try:
+            self.call('Browser.close', _session=False)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
         for fd in (self._r, self._w):
-            try: os.close(fd)
-            except OSError: pass
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 # ----------------------------------------------------------------------------------------------------------------
 # The checks
@@ -150,7 +165,8 @@ def check_lab(notebook:str='nbs/11_explore.ipynb', out:Path|None=None, timeout:f
     "Run the whole check; returns {'ok', 'problems', 'screenshots', 'seconds'}."
     exe = find_chromium()
     if exe is None: raise FileNotFoundError('no chromium binary on PATH (Debian: apt-get install -y chromium)')
-    out = Path(out or tempfile.mkdtemp(prefix='lab-check-')); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out or tempfile.mkdtemp(prefix='lab-check-'))
+    out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='lab-run-'))
     port, token, t0 = free_port(), secrets.token_hex(16), time.time()
     problems, shots = [], []
@@ -159,7 +175,8 @@ def check_lab(notebook:str='nbs/11_explore.ipynb', out:Path|None=None, timeout:f
     lab = start_lab(tmp, port, token, log)
     browser = None
     try:
-        wait_for_lab(port, token, lab); say(f'jupyter lab up on 127.0.0.1:{port}')
+        wait_for_lab(port, token, lab)
+        say(f'jupyter lab up on 127.0.0.1:{port}')
         browser = Chromium(exe, tmp/'chromium', size)
         browser.call('Page.navigate', url=f'http://127.0.0.1:{port}/lab/tree/{notebook}?reset&token={token}')
         browser.wait(find_panel_js(notebook), 120, what='the notebook to open')
@@ -176,41 +193,51 @@ def check_lab(notebook:str='nbs/11_explore.ipynb', out:Path|None=None, timeout:f
             if browser.js(errors_js): break
             if browser.js(done): break
             time.sleep(1)
-        else: problems.append(f'the notebook did not finish within {timeout:.0f}s')
+        else:
+            problems.append(f'the notebook did not finish within {timeout:.0f}s')
         errs = browser.js(errors_js)
-        if errs: problems += [f'cell error {e}' for e in errs]
+        if errs:
+            problems += [f'cell error {e}' for e in errs]
         ran = browser.js(f"{CELLS}.filter(c => c.model.type === 'code' && c.model.executionCount !== null).length")
         say(f'{ran}/{n_code} code cells ran in {time.time() - t_run:.0f}s' + (f'; errors: {errs}' if errs else ''))
         shots.append(browser.screenshot(out/'lab-1-notebook-top.png'))
         if errs:
             idx = int(errs[0].split(':')[0])
-            browser.js(f"{NB}.content.activeCellIndex = {idx}; {NB}.content.scrollToItem({idx}, 'start')"); time.sleep(1)
+            browser.js(f"{NB}.content.activeCellIndex = {idx}; {NB}.content.scrollToItem({idx}, 'start')")
+            time.sleep(1)
             shots.append(browser.screenshot(out/'lab-error-cell.png'))
             return dict(ok=False, problems=problems, screenshots=[str(s) for s in shots], seconds=time.time() - t0)
         # the app: scroll its cell to the top of the window and wait for the widget view to render
         browser.js(app_cell_js(f"{NB}.content.activeCellIndex = i; return {NB}.content.scrollToItem(i, 'start').then(() => true);"))
-        try: browser.wait(app_cell_js("return !!(out && out.querySelector('.widget-tab, .jupyter-widget-tab, .jupyter-widgets-tab'));"),
+        try:
+            browser.wait(app_cell_js("return !!(out && out.querySelector('.widget-tab, .jupyter-widget-tab, .jupyter-widgets-tab'));"),
                           60, what='the explorer widget to render')
-        except TimeoutError as e: problems.append(f'the explorer app did not render as a widget ({e})')
+        except TimeoutError as e:
+            problems.append(f'the explorer app did not render as a widget ({e})')
         time.sleep(1.5)
         text = browser.js(app_cell_js("return out ? out.innerText : '';")) or ''
-        if 'Error displaying widget' in text or 'Error rendering' in text: problems.append('the widget shows an error instead of the app')
-        if 'tiny stand-in' in text and 'noise' not in text: problems.append('the stand-in banner is incomplete')
+        if 'Error displaying widget' in text or 'Error rendering' in text:
+            problems.append('the widget shows an error instead of the app')
+        if 'tiny stand-in' in text and 'noise' not in text:
+            problems.append('the stand-in banner is incomplete')
         for need in ('History', 'Candidates', 'target'):
-            if need not in text: problems.append(f'the app does not show {need!r}')
+            if need not in text:
+                problems.append(f'the app does not show {need!r}')
         shots.append(browser.screenshot(out/'lab-2-explorer-answer.png'))
         # pick another user in the dropdown, as a person would
         picked = browser.js(app_cell_js(
             "const sel = Array.from(out.querySelectorAll('.widget-dropdown')).find(d => d.innerText.trim().startsWith('user'));"
             "const s = sel && sel.querySelector('select'); if (!s || s.options.length < 2) return null;"
             "s.selectedIndex = 1; s.dispatchEvent(new Event('change', {bubbles: true})); return s.options[1].text;"))
-        if picked is None: problems.append('no user dropdown with two users in the app')
+        if picked is None:
+            problems.append('no user dropdown with two users in the app')
         else:
             try:
                 browser.wait(app_cell_js(f"return out.innerText.includes('user ' + {json.dumps(picked)} + ' —');"), 60,
                              what=f'the app to show user {picked}')
                 say(f'picked user {picked} in the dropdown: the app followed')
-            except TimeoutError as e: problems.append(f'picking user {picked} did not update the app ({e})')
+            except TimeoutError as e:
+                problems.append(f'picking user {picked} did not update the app ({e})')
             time.sleep(1)
             shots.append(browser.screenshot(out/'lab-3-explorer-other-user.png'))
         for k, tab in enumerate(('MoME attention', 'Position', 'Runs')):
@@ -218,17 +245,22 @@ def check_lab(notebook:str='nbs/11_explore.ipynb', out:Path|None=None, timeout:f
                 f"const t = Array.from(out.querySelectorAll('.lm-TabBar-tab')).find(e => e.innerText.trim() === {json.dumps(tab)});"
                 "if (!t) return null; t.scrollIntoView({block: 'center'}); const r = t.getBoundingClientRect(); "
                 "return [r.x + r.width / 2, r.y + r.height / 2];"))
-            if not at: problems.append(f'no {tab!r} tab in the app'); continue
+            if not at:
+                problems.append(f'no {tab!r} tab in the app')
+                continue
             browser.click(*at)
             want = {'MoME attention': 'item', 'Position': 'score pick', 'Runs': 'SASRec'}[tab]
-            try: browser.wait(app_cell_js(f"const p = out.querySelector('.lm-TabPanel-stackedPanel:not(.lm-mod-hidden), .widget-tab-contents > .lm-Widget:not(.lm-mod-hidden)');"
+            try:
+                browser.wait(app_cell_js(f"const p = out.querySelector('.lm-TabPanel-stackedPanel:not(.lm-mod-hidden), .widget-tab-contents > .lm-Widget:not(.lm-mod-hidden)');"
                                           f"return !!p && p.innerText.includes({json.dumps(want)});"), 90, what=f'the {tab} tab')
-            except TimeoutError as e: problems.append(f'the {tab!r} tab did not show its content ({e})')
+            except TimeoutError as e:
+                problems.append(f'the {tab!r} tab did not show its content ({e})')
             time.sleep(1)
             shots.append(browser.screenshot(out/f'lab-{4 + k}-explorer-{tab.split()[0].lower()}.png'))
         say('screenshots: ' + ', '.join(str(s) for s in shots))
     finally:
-        if browser: browser.close()
+        if browser:
+            browser.close()
         _stop(lab)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -238,11 +270,15 @@ def _stop(proc):
     "End the process group we started (jupyter lab and its kernels)."
     if proc.poll() is not None: return
     try:
-        os.killpg(proc.pid, 15); proc.wait(20)
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
     except subprocess.TimeoutExpired:
-        try: os.killpg(proc.pid, 9)
-        except ProcessLookupError: pass
-    except ProcessLookupError: pass
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+    except ProcessLookupError:
+        pass
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -251,9 +287,11 @@ def main(argv=None):
     ap.add_argument('--timeout', type=float, default=420, help='seconds allowed for running all cells')
     a = ap.parse_args(argv)
     if find_chromium() is None:
-        print('skipped: no chromium binary (Debian: apt-get install -y chromium)', file=sys.stderr); return SKIP
+        print('skipped: no chromium binary (Debian: apt-get install -y chromium)', file=sys.stderr)
+        return SKIP
     res = check_lab(a.notebook, a.out, a.timeout)
     print(json.dumps(res, indent=1))
     return 0 if res['ok'] else 1
 
-if __name__ == '__main__': sys.exit(main())
+if __name__ == '__main__':
+    sys.exit(main())

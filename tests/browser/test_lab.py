@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location('lab_check', Path(__file__).parent/'lab_check.py')
-lab = sys.modules.setdefault('lab_check', importlib.util.module_from_spec(_spec)); _spec.loader.exec_module(lab)
+lab = sys.modules.setdefault('lab_check', importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(lab)
 
 @pytest.mark.skipif(lab.find_chromium() is None, reason='no chromium binary (Debian: apt-get install -y chromium)')
 def test_explore_notebook_in_jupyterlab(tmp_path):

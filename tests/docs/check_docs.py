@@ -43,15 +43,19 @@ class Finding:
     message: str
     error: bool = True
 
-    def __str__(self): return f"{'ERROR' if self.error else 'warn '} [{self.check}] {self.where}: {self.message}"
+    def __str__(self):
+        return f"{'ERROR' if self.error else 'warn '} [{self.check}] {self.where}: {self.message}"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Notebooks and cells
 
 _re_directive = re.compile(r'^\s*#\s*\|\s*([\w-]+):?(.*)$')
 
-def read_nb(path): return json.loads(Path(path).read_text(encoding='utf-8'))
-def src_of(cell): s = cell.get('source', ''); return ''.join(s) if isinstance(s, list) else (s or '')
+def read_nb(path):
+    return json.loads(Path(path).read_text(encoding='utf-8'))
+def src_of(cell):
+    s = cell.get('source', '')
+    return ''.join(s) if isinstance(s, list) else (s or '')
 
 def directives(src):
     "The `#| key: value` lines at the top of a cell, as {key: value}."
@@ -64,8 +68,10 @@ def directives(src):
     return res
 
 def strip_directives(src):
-    lines = src.splitlines(); i = 0
-    while i < len(lines) and (not lines[i].strip() or _re_directive.match(lines[i])): i += 1
+    lines = src.splitlines()
+    i = 0
+    while i < len(lines) and (not lines[i].strip() or _re_directive.match(lines[i])):
+        i += 1
     return '\n'.join(lines[i:])
 
 def notebooks(nbs=NBS):
@@ -100,16 +106,19 @@ def refresh_site_files(nbs=NBS):
     from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
     side = nbs/'sidebar.yml'
     before = side.read_text() if side.exists() else None
-    cwd = os.getcwd(); os.chdir(ROOT)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
     try:
         refresh_quarto_yml()
         nbdev_sidebar.__wrapped__(path=nbs)
-    finally: os.chdir(cwd)
+    finally:
+        os.chdir(cwd)
     # sidebar.yml may list notebooks being written on other branches (they arrive with a merge); nbdev_sidebar drops
     # them. Keep the committed file when that is its only difference, so checking the docs leaves the checkout clean.
     if before is not None and before != side.read_text():
         old, new = _listed(before), _listed(side.read_text())
-        if [x for x in old if (nbs/x).exists()] == new: side.write_text(before)
+        if [x for x in old if (nbs/x).exists()] == new:
+            side.write_text(before)
 
 def _proc_one(args):
     "Worker (`--proc-one SRC DST`, own interpreter): process one notebook with nbdev's `FilterDefaults`, as `nbdev_proc_nbs` does; report warnings and errors."
@@ -145,7 +154,9 @@ def _key(nb: Path):
     h = hashlib.sha256(nb.read_bytes() + nbdev.__version__.encode())
     mods = {m.replace('.', '/') for m, _ in exported_names(nb)[0].values() if m} | set(_default_exp(nb))
     for f in [ROOT/'settings.ini', *sorted(ROOT/LIB/f'{m}.py' for m in mods)]:
-        if f.exists(): h.update(f.name.encode()); h.update(f.read_bytes())
+        if f.exists():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
     return h.hexdigest()
 
 def _default_exp(nb):
@@ -155,20 +166,26 @@ def _default_exp(nb):
 def process_notebooks(nbs=NBS, force=False, n_workers=None):
     "Process every notebook into `_proc/` (skipping unchanged ones); copy the quarto project files. Returns {nb: result}."
     from nbdev.doclinks import nbglob
-    PROC.mkdir(exist_ok=True); CACHE.mkdir(exist_ok=True)
+    PROC.mkdir(exist_ok=True)
+    CACHE.mkdir(exist_ok=True)
     # the other files nbdev copies into _proc/ (styles.css, *.yml ...), so _proc is a quarto project as nbdev leaves it
     others = [Path(f) for f in nbglob(nbs, func=os.path.join, file_glob='', file_re='') if not f.endswith('.ipynb')]
     for f in others + [nbs/'_quarto.yml']:
         if f.exists() and not any(p.startswith(('.', '_proc', '_docs')) for p in f.relative_to(nbs).parts[:-1]):
-            d = PROC/f.relative_to(nbs); d.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, d)
+            d = PROC/f.relative_to(nbs)
+            d.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, d)
     results, todo = {}, []
     for nb in notebooks(nbs):
         key, dst, rec = _key(nb), PROC/nb.relative_to(nbs), CACHE/(nb.name + '.json')
         if not force and rec.exists():
             r = json.loads(rec.read_text())
-            if r.get('key') == key and (dst.exists() or r['error']): results[nb] = {**r, 'cached': True}; continue
+            if r.get('key') == key and (dst.exists() or r['error']):
+                results[nb] = {**r, 'cached': True}
+                continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists(): dst.unlink()
+        if dst.exists():
+            dst.unlink()
         todo.append((nb, dst, key, rec))
     if todo:
         # one fresh interpreter per notebook (as nbdev's spawn workers): cells nbdev executes can't leak between notebooks
@@ -182,11 +199,14 @@ def process_notebooks(nbs=NBS, force=False, n_workers=None):
                 running.append((p, nb, key, rec))
             p, nb, key, rec = running.pop(0)
             so, se = p.communicate()
-            try: r = json.loads(so.strip().splitlines()[-1])
+            try:
+                r = json.loads(so.strip().splitlines()[-1])
             except (json.JSONDecodeError, IndexError):
                 r = {'warnings': [], 'error': {'message': f'worker crashed (exit {p.returncode}): {se[-800:]}', 'cause': '', 'cell': ''}}
-            r['key'] = key; results[nb] = r
-            if not r['error'] or 'worker crashed' not in r['error']['message']: rec.write_text(json.dumps(r))
+            r['key'] = key
+            results[nb] = r
+            if not r['error'] or 'worker crashed' not in r['error']['message']:
+                rec.write_text(json.dumps(r))
     return {nb: results[nb] for nb in notebooks(nbs) if nb in results}
 
 def _flag_note(nb, i):
@@ -205,7 +225,8 @@ def check_processing(results):
             out.append(Finding('process', nb.name, f"cell {i} mixes imports with other code, so nbdev runs it while "
                                f"building the docs (`{_first_line(w)}`{_flag_note(nb, i)}); put the imports in a cell of their own", False))
         if r['error']:
-            e = r['error']; i = _cell_index(nb, e['cell']) if e['cell'] else None
+            e = r['error']
+            i = _cell_index(nb, e['cell']) if e['cell'] else None
             where = f"cell {i} (`{_first_line(e['cell'])}`{_flag_note(nb, i)})" if i is not None else 'processing'
             out.append(Finding('process', nb.name, f"nbdev_proc_nbs fails in {where}: {e['cause'] or e['message']}"
                                + (' (nbdev executes cells that contain imports: keep imports in cells of their own)'
@@ -228,7 +249,9 @@ def _has_paragraph(md):
     fence = False
     for line in md.splitlines():
         s = line.strip()
-        if s.startswith('```'): fence = not fence; continue
+        if s.startswith('```'):
+            fence = not fence
+            continue
         if fence or not s or s[0] in '#>|-*+<$' or re.match(r'^\d+[.)]\s', s): continue
         if len(s.split()) >= 8: return True
     return False
@@ -242,7 +265,8 @@ def check_title(nb: Path):
     if first is None or not _re_h1.search(src_of(first)) or not src_of(first).lstrip().startswith('# '):
         return [Finding('title', nb.name, "the first markdown cell must start with a `# Title` line")]
     s = src_of(first)
-    if code_before: out.append(Finding('title', nb.name, f'visible code cell(s) {code_before} come before the title'))
+    if code_before:
+        out.append(Finding('title', nb.name, f'visible code cell(s) {code_before} come before the title'))
     if not _re_summary.search(s):
         out.append(Finding('title', nb.name, "no `> summary` line under the title (nbdev uses it as the page description)"))
     extra = [l for l in s.splitlines() if l.strip() and not _re_h1.match(l) and not _re_summary.match(l)]
@@ -259,7 +283,8 @@ def check_title(nb: Path):
                 out.append(Finding('title', nb.name, 'the first markdown cell after the title has no paragraph of prose '
                                    f'(`{_first_line(src_of(c))}`)'))
             break
-    else: out.append(Finding('title', nb.name, 'nothing follows the title'))
+    else:
+        out.append(Finding('title', nb.name, 'nothing follows the title'))
     return out
 
 def check_outputs(nb: Path):
@@ -290,10 +315,12 @@ def check_links(nb: Path, nbs=NBS):
         for t, img in targets:
             url = t.split('#', 1)[0].split('?', 1)[0]
             if not url or re.match(r'^[a-z][a-z0-9+.-]*:', url, re.I) and not url.startswith(DOC_URL): continue
-            if url.startswith(DOC_URL): url = url[len(DOC_URL):]
+            if url.startswith(DOC_URL):
+                url = url[len(DOC_URL):]
             p = (nb.parent/url)
             if url.endswith('.ipynb'):
-                if not p.exists(): out.append(Finding('links', nb.name, f'cell {i}: link to `{t}`, but there is no {url}'))
+                if not p.exists():
+                    out.append(Finding('links', nb.name, f'cell {i}: link to `{t}`, but there is no {url}'))
             elif url.endswith('.html') and not img:
                 if Path(url).name in pages: continue
                 stem = Path(url).stem
@@ -314,16 +341,19 @@ def check_site_config(nbs=NBS):
     f, out = nbs/'_quarto.yml', []
     if not f.exists(): return [Finding('config', '_quarto.yml', 'missing (nbdev writes its default when absent)')]
     q = yaml.safe_load(f.read_text()) or {}
-    if (q.get('project') or {}).get('type') != 'website': out.append(Finding('config', '_quarto.yml', 'project.type must be website'))
+    if (q.get('project') or {}).get('type') != 'website':
+        out.append(Finding('config', '_quarto.yml', 'project.type must be website'))
     mf = q.get('metadata-files') or []
     for need in ('nbdev.yml', 'sidebar.yml'):
-        if need not in mf: out.append(Finding('config', '_quarto.yml', f'metadata-files must list {need}'))
+        if need not in mf:
+            out.append(Finding('config', '_quarto.yml', f'metadata-files must list {need}'))
     html_fmt = ((q.get('format') or {}).get('html') or {})
     if 'ipynb-filters' in html_fmt or 'ipynb-filters' in q:
         out.append(Finding('config', '_quarto.yml', 'remove ipynb-filters: nbdev >= 2.3 processes notebooks itself'))
     css = html_fmt.get('css')
     for c in ([css] if isinstance(css, str) else css or []):
-        if not (nbs/c).exists(): out.append(Finding('config', '_quarto.yml', f'css file {c} does not exist'))
+        if not (nbs/c).exists():
+            out.append(Finding('config', '_quarto.yml', f'css file {c} does not exist'))
     ny = nbs/'nbdev.yml'
     if not ny.exists() or (yaml.safe_load(ny.read_text()) or {}).get('project', {}).get('output-dir') != '_docs':
         out.append(Finding('config', 'nbdev.yml', 'missing or stale (refresh_quarto_yml writes it from settings.ini)'))
@@ -335,10 +365,12 @@ def _listed(text:str)->list:
     listed = []
     def walk(items):
         for it in items or []:
-            if isinstance(it, str): listed.append(it)
+            if isinstance(it, str):
+                listed.append(it)
             elif isinstance(it, dict):
                 for k in ('href', 'file'):
-                    if k in it: listed.append(it[k])
+                    if k in it:
+                        listed.append(it[k])
                 walk(it.get('contents'))
     walk(((yaml.safe_load(text) or {}).get('website') or {}).get('sidebar', {}).get('contents'))
     return listed
@@ -385,24 +417,32 @@ def public_api(mod):
 def _undocumented_params(obj):
     from fastcore.docments import docments
     if inspect.isclass(obj) and '__init__' not in obj.__dict__: return []    # inherited constructor: not ours to document
-    try: d = docments(obj, full=True)
-    except Exception: return []
+    try:
+        d = docments(obj, full=True)
+    except Exception:
+        return []
     return [k for k, v in d.items() if k not in ('self', 'cls', 'return') and v.get('docment') is None
             and getattr(v.get('kind'), 'name', '') not in ('VAR_POSITIONAL', 'VAR_KEYWORD')]
 
 def check_docstrings(modules=None):
     out = []
     for name in modules or lib_modules():
-        try: mod = importlib.import_module(name)
+        try:
+            mod = importlib.import_module(name)
         except Exception as e:
-            out.append(Finding('docstring', name, f'cannot import: {type(e).__name__}: {e}')); continue
+            out.append(Finding('docstring', name, f'cannot import: {type(e).__name__}: {e}'))
+            continue
         missing, params = [], []
         for nm, obj in public_api(mod):
-            if not (_own_doc(obj) or '').strip(): missing.append(nm)
+            if not (_own_doc(obj) or '').strip():
+                missing.append(nm)
             ps = _undocumented_params(obj)
-            if ps: params.append(f"{nm}({', '.join(ps)})")
-        if missing: out.append(Finding('docstring', name, f"public, no docstring: {', '.join(missing)}"))
-        if params: out.append(Finding('params', name, f"parameters without a docments comment: {'; '.join(params)}", False))
+            if ps:
+                params.append(f"{nm}({', '.join(ps)})")
+        if missing:
+            out.append(Finding('docstring', name, f"public, no docstring: {', '.join(missing)}"))
+        if params:
+            out.append(Finding('params', name, f"parameters without a docments comment: {'; '.join(params)}", False))
     return out
 
 def _export_cells(nb_cells):
@@ -411,7 +451,8 @@ def _export_cells(nb_cells):
     for i, c in enumerate(nb_cells):
         d = directives(src_of(c))
         if c['cell_type'] == 'code' and {'export', 'exports', 'exec_doc'} & set(d) and 'hide' not in d \
-           and d.get('include') != 'false': res.append((i, c))
+           and d.get('include') != 'false':
+               res.append((i, c))
     return res
 
 def exported_names(nb: Path):
@@ -424,8 +465,10 @@ def exported_names(nb: Path):
         d = directives(src_of(c))
         if c['cell_type'] != 'code' or not {'export', 'exports', 'exec_doc'} & set(d): continue
         mod = (d.get('export') or d.get('exports') or default or '').split()[0] if (d.get('export') or d.get('exports') or default) else None
-        try: tree = ast.parse(strip_directives(src_of(c)))
-        except SyntaxError: continue
+        try:
+            tree = ast.parse(strip_directives(src_of(c)))
+        except SyntaxError:
+            continue
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith('_'):
                 target = hidden if ('hide' in d or d.get('include') == 'false') else names
@@ -437,7 +480,8 @@ def _show_doc_cells(proc_nb):
     for c in proc_nb['cells']:
         if c['cell_type'] != 'code': continue
         m = re.search(r'^show_doc\((.+)\)\s*$', strip_directives(src_of(c)), re.M)
-        if m: res[m.group(1).strip()] = c
+        if m:
+            res[m.group(1).strip()] = c
     return res
 
 def check_show_doc(nb: Path, nbs=NBS):
@@ -446,9 +490,11 @@ def check_show_doc(nb: Path, nbs=NBS):
     names, hidden = exported_names(nb)
     shown, out = _show_doc_cells(read_nb(proc)), []
     missing = [n for n in names if n not in shown]
-    if missing: out.append(Finding('show_doc', nb.name, f"no show_doc cell in _proc for exported {', '.join(missing)}"))
+    if missing:
+        out.append(Finding('show_doc', nb.name, f"no show_doc cell in _proc for exported {', '.join(missing)}"))
     empty = [n for n, c in shown.items() if not any('text/markdown' in o.get('data', {}) for o in c.get('outputs', []))]
-    if empty: out.append(Finding('show_doc', nb.name, f"show_doc produced no output for {', '.join(empty)}"))
+    if empty:
+        out.append(Finding('show_doc', nb.name, f"show_doc produced no output for {', '.join(empty)}"))
     if hidden:
         out.append(Finding('show_doc', nb.name, "exported from `#| hide` cells, so absent from the docs: "
                            + ', '.join(f'{n} (cell {i})' for n, (_, i) in hidden.items()), False))
@@ -459,13 +505,17 @@ def check_api_documented(nbs=NBS):
     where = {}
     for nb in notebooks(nbs):
         names, hidden = exported_names(nb)
-        for n, (mod, _) in {**hidden, **names}.items(): where.setdefault((f'{LIB}.{mod}', n), []).append(nb)
+        for n, (mod, _) in {**hidden, **names}.items():
+            where.setdefault((f'{LIB}.{mod}', n), []).append(nb)
     out = []
     for name in lib_modules():
-        try: mod = importlib.import_module(name)
-        except Exception: continue
+        try:
+            mod = importlib.import_module(name)
+        except Exception:
+            continue
         orphans = [nm for nm, _ in public_api(mod) if (name, nm) not in where]
-        if orphans: out.append(Finding('show_doc', name, f"public, but no notebook export cell defines it (stale .py, or "
+        if orphans:
+            out.append(Finding('show_doc', name, f"public, but no notebook export cell defines it (stale .py, or "
                                        f"defined by assignment): {', '.join(orphans)}", False))
     return out
 
@@ -495,19 +545,25 @@ def preview_nb(proc_nb, pages):
         src = src_of(c)
         if c.cell_type == 'raw' and src.strip().startswith('---') and not fm:
             import yaml
-            fm = yaml.safe_load(src.strip().strip('-')) or {}; continue
+            fm = yaml.safe_load(src.strip().strip('-')) or {}
+            continue
         if 'source' not in c or not src.strip(): continue            # hidden by nbdev (source deleted)
         if c.cell_type == 'markdown':
-            c.source = _fix_md(src, pages); cells.append(c); continue
+            c.source = _fix_md(src, pages)
+            cells.append(c)
+            continue
         if c.cell_type != 'code': continue
         d = directives(src)
         if d.get('include') == 'false': continue
         c.source = strip_directives(src)
-        if d.get('echo') == 'false': c.metadata['transient'] = {'remove_source': True}
-        if d.get('output') == 'false': c.outputs = []
+        if d.get('echo') == 'false':
+            c.metadata['transient'] = {'remove_source': True}
+        if d.get('output') == 'false':
+            c.outputs = []
         for o in c.get('outputs', []):
             if 'text/markdown' in o.get('data', {}):
-                md = o['data']['text/markdown']; md = ''.join(md) if isinstance(md, list) else md
+                md = o['data']['text/markdown']
+                md = ''.join(md) if isinstance(md, list) else md
                 o['data']['text/markdown'] = _fix_md(md, pages)
                 o['data'].pop('text/plain', None)
         if not c.source.strip() and not c.get('outputs'): continue
@@ -521,17 +577,22 @@ def _sidebar_items(nbs=NBS):
     items = []
     def walk(xs, depth):
         for it in xs or []:
-            if isinstance(it, str): items.append(('file', it, depth))
+            if isinstance(it, str):
+                items.append(('file', it, depth))
             elif isinstance(it, dict) and 'section' in it:
-                items.append(('section', it['section'], depth)); walk(it.get('contents'), depth+1)
-            elif isinstance(it, dict): items.append(('file', it.get('href') or it.get('file'), depth))
-    if f.exists(): walk((yaml.safe_load(f.read_text()) or {}).get('website', {}).get('sidebar', {}).get('contents'), 0)
+                items.append(('section', it['section'], depth))
+                walk(it.get('contents'), depth+1)
+            elif isinstance(it, dict):
+                items.append(('file', it.get('href') or it.get('file'), depth))
+    if f.exists():
+        walk((yaml.safe_load(f.read_text()) or {}).get('website', {}).get('sidebar', {}).get('contents'), 0)
     return items
 
 def _title_of(nb: Path):
     for c in read_nb(nb)['cells']:
         if c['cell_type'] == 'markdown':
-            m = _re_h1.search(src_of(c)); return m.group(1) if m else nb.stem
+            m = _re_h1.search(src_of(c))
+            return m.group(1) if m else nb.stem
     return nb.stem
 
 def render(nbs=NBS, results=None):
@@ -540,12 +601,15 @@ def render(nbs=NBS, results=None):
     import yaml
     results = results or {}
     PREVIEW.mkdir(parents=True, exist_ok=True)
-    for f in PREVIEW.glob('*.html'): f.unlink()          # pages of renamed/removed notebooks must not linger
+    for f in PREVIEW.glob('*.html'):
+        f.unlink()          # pages of renamed/removed notebooks must not linger
     site = yaml.safe_load((nbs/'nbdev.yml').read_text())['website'] if (nbs/'nbdev.yml').exists() else {}
     pages = {page_name(p): p for p in notebooks(nbs)}
     nav = []
     for kind, x, depth in _sidebar_items(nbs):
-        if kind == 'section': nav.append({'section': x, 'depth': depth}); continue
+        if kind == 'section':
+            nav.append({'section': x, 'depth': depth})
+            continue
         p = nbs/x
         if not p.exists(): continue          # not written yet (another branch): nbdev_docs leaves it out of the site
         nav.append({'href': page_name(p), 'title': _title_of(p), 'depth': depth, 'missing': False})
@@ -604,7 +668,8 @@ def run_checks(nbs=NBS, force=False, screenshots=None, pages=('index', '00_data'
     "Everything above, in order. Returns (findings, results-of-processing, screenshot paths)."
     t0 = time.time()
     def say(*a):
-        if not quiet: print(*a, file=sys.stderr)
+        if not quiet:
+            print(*a, file=sys.stderr)
     refresh_site_files(nbs)
     say(f'refreshed nbdev.yml and sidebar.yml ({time.time()-t0:.1f}s)')
     results = process_notebooks(nbs, force=force)
@@ -623,11 +688,13 @@ def run_checks(nbs=NBS, force=False, screenshots=None, pages=('index', '00_data'
     say(f'rendered HTML into {PREVIEW} ({time.time()-t0:.1f}s)')
     shots = []
     if screenshots:
-        out = Path(screenshots); out.mkdir(parents=True, exist_ok=True)
+        out = Path(screenshots)
+        out.mkdir(parents=True, exist_ok=True)
         for p in pages:
             nb = next((n for n in notebooks(nbs) if n.stem == p or page_name(n) == p or page_name(n) == p + '.html'), None)
             if nb is None or not (PREVIEW/page_name(nb)).exists():
-                findings.append(Finding('render', p, 'no rendered page to screenshot')); continue
+                findings.append(Finding('render', p, 'no rendered page to screenshot'))
+                continue
             shots.append(screenshot(PREVIEW/page_name(nb), out/f'{nb.stem}.png'))
         say(f'screenshots: {", ".join(map(str, shots))} ({time.time()-t0:.1f}s)')
     return findings, results, shots
@@ -640,13 +707,18 @@ def main(argv=None):
     ap.add_argument('--json', metavar='FILE', help='also write the findings as JSON')
     ap.add_argument('--proc-one', nargs=2, metavar=('SRC', 'DST'), help=argparse.SUPPRESS)   # worker mode
     a = ap.parse_args(argv)
-    if a.proc_one: print(json.dumps(_proc_one(a.proc_one))); return 0
+    if a.proc_one:
+        print(json.dumps(_proc_one(a.proc_one)))
+        return 0
     findings, results, shots = run_checks(force=a.force, screenshots=a.screenshots, pages=a.pages.split(','))
-    for f in sorted(findings, key=lambda f: (not f.error, f.check, f.where)): print(f)
+    for f in sorted(findings, key=lambda f: (not f.error, f.check, f.where)):
+        print(f)
     n_err = sum(f.error for f in findings)
     print(f'{n_err} errors, {len(findings)-n_err} warnings; HTML in {PREVIEW}'
           + (f'; screenshots: {", ".join(map(str, shots))}' if shots else ''))
-    if a.json: Path(a.json).write_text(json.dumps([dataclasses.asdict(f) for f in findings], indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps([dataclasses.asdict(f) for f in findings], indent=1))
     return 1 if n_err else 0
 
-if __name__ == '__main__': sys.exit(main())
+if __name__ == '__main__':
+    sys.exit(main())
