@@ -1,5 +1,11 @@
 import pytest
-from speeder.data import write_amazon_fixture
+from speeder.config import DEFAULT_DATASET
+from speeder.data import prepare_dataset, write_amazon_fixture
+
+@pytest.fixture(scope='session')
+def ml100k():
+    "ML-100k's processed folder in the default data folder, built from the packaged asset when missing: what runs train on."
+    return prepare_dataset(DEFAULT_DATASET).path
 
 @pytest.fixture
 def amazon(tmp_path):

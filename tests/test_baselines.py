@@ -4,14 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest, torch
 from speeder.cli import run_cli
-from speeder.config import SpeederError
-from speeder.data import load_dataset
-from speeder.config import SpeederConfig
-from speeder.data import toy_split
+from speeder.config import DEFAULT_DATASET, SCORE, SPEEDER, STAND_IN, SpeederConfig, SpeederError, preset_settings
+from speeder.data import load_dataset, toy_split
 from speeder.features import random_features
 from speeder.backbone import smollm2_tokenizer
-from speeder.prompt import SpeederPrompt
-from speeder.baselines import ItemTextPrompt, baseline_model, train_baseline, BASELINES, BASELINE_STAGES, short_text
+from speeder.prompt import SpeederPrompt, ItemTextPrompt, TEXT_FORMATS, short_text
+from speeder.baselines import baseline_model, baseline_stages, train_baseline, BASELINES
 from speeder.bench import bench_ratios, RATIOS
 
 TINY_SET = ['--set', 'sequence_features="zeros"', 'lora_r=4', 'd_model=32', 'n_heads=2']
@@ -54,9 +52,9 @@ class _Items:
 
 def test_llara_curriculum_trains_projector_only_in_hybrid_stage():
     feats = random_features(60)
-    model = baseline_model('hybrid', _Items, feats, SpeederConfig(llm='tiny', batch_size=4), device='cpu')
+    model = baseline_model('hybrid', _Items, feats, SpeederConfig.preset(STAND_IN, batch_size=4), device='cpu')
     before = [p.detach().clone() for p in model.mrc.parameters()]
-    train_baseline(model, toy_split(8), 4, stages=BASELINE_STAGES['hybrid'][:1])   # the text-only stage alone
+    train_baseline(model, toy_split(8), 4, stages=baseline_stages('hybrid', model.cfg)[:1])   # the text-only stage alone
     assert all(torch.equal(a, b) for a, b in zip(before, model.mrc.parameters()))   # the projector cannot change there
     hist = train_baseline(model, toy_split(8), 4)
     assert [r['stage'] for r in hist] == ['text-only'] * 2 + ['hybrid'] * 2
@@ -64,24 +62,29 @@ def test_llara_curriculum_trains_projector_only_in_hybrid_stage():
     assert model.prompt is model.formats['hybrid'] and model.prompt.item_token
 
 def test_baseline_has_no_score_mode():
-    model = baseline_model('text-only', _Items, random_features(60), SpeederConfig(llm='tiny'), device='cpu')
+    model = baseline_model('text-only', _Items, random_features(60), SpeederConfig.preset(STAND_IN), device='cpu')
     from speeder.answer import recommend
     with pytest.raises(SpeederError, match='no score mode'):
-        recommend(model, toy_split(2).histories, toy_split(2).candidates, 'score')
+        recommend(model, toy_split(2).histories, toy_split(2).candidates, SCORE)
     with pytest.raises(SpeederError, match='unknown baseline'):
-        baseline_model('tallrec', _Items, random_features(60), SpeederConfig(llm='tiny'))
+        baseline_model('tallrec', _Items, random_features(60), SpeederConfig.preset(STAND_IN))
+
+def test_hybrid_share_comes_from_the_config():
+    model = baseline_model('hybrid', _Items, random_features(60), SpeederConfig.preset(STAND_IN, batch_size=4,
+                                                                                    hybrid_text_share=0.25), device='cpu')
+    hist = train_baseline(model, toy_split(8), 4)
+    assert [r['stage'] for r in hist] == ['text-only'] + ['hybrid'] * 3
 
 def test_text_multimodal_reads_more_tokens_than_text_only(tok):
-    ds = load_dataset('ml-100k')
+    ds = load_dataset(DEFAULT_DATASET)
     short = ItemTextPrompt(tok, ds.items, short_text)
-    from speeder.baselines import TEXT_FORMATS
     long = ItemTextPrompt(tok, ds.items, TEXT_FORMATS['long'])
     n = lambda p: int(p.batch(ds.test.histories[:8], ds.test.candidates[:8])['attention_mask'].sum())
     assert n(long) > n(short) > 8 * 30   # well over one token per item
 
 def test_ratios_follow_their_definition():
     rows = [dict(method='text-only', examples_per_s=1.0, generate_b1_p50_ms=300.0, prompt_tokens_mean=400.0),
-            dict(method='speeder', examples_per_s=5.0, generate_b1_p50_ms=60.0, score_b1_p50_ms=20.0, prompt_tokens_mean=100.0)]
+            dict(method=SPEEDER, examples_per_s=5.0, generate_b1_p50_ms=60.0, score_b1_p50_ms=20.0, prompt_tokens_mean=100.0)]
     r = bench_ratios(rows)
     assert r['train_speedup'] == 5.0 and r['infer_speedup_generate'] == 5.0 and r['infer_speedup_score'] == 15.0 and r['token_ratio'] == 4.0
     assert set(r) == set(RATIOS) and bench_ratios(rows[1:])['train_speedup'] is None
@@ -91,7 +94,7 @@ def test_bench_cli_tiny(tmp_path):
                 '--out', str(tmp_path), '--json', *TINY_SET)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert [row['method'] for row in res['rows']] == ['speeder', *BASELINES] and res['backbone_is_stand_in'] is True
+    assert [row['method'] for row in res['rows']] == [SPEEDER, *BASELINES] and res['backbone_is_stand_in'] is True
     for row in res['rows']:
         for k in ('prompt_tokens_mean', 'prompt_tokens_p95', 'examples_per_s', 'tokens_per_s', 'generate_b1_p50_ms',
                   'generate_b1_p95_ms', 'generate_b16_p50_ms', 'generate_b16_per_request_ms', 'train_peak_mb'):
@@ -107,7 +110,7 @@ def test_compare_cli_tiny(tmp_path):
                 '--no-sasrec', '--out', str(tmp_path), '--json', *TINY_SET)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert [row['method'] for row in res['rows']] == ['speeder', *BASELINES]
+    assert [row['method'] for row in res['rows']] == [SPEEDER, *BASELINES]
     for row in res['rows']:
         assert 0 <= row['hr1'] <= 1 and 0 <= row['valid_ratio'] <= 1 and row['vhr1'] == pytest.approx(row['hr1'] * row['valid_ratio'])
         assert row['n_test'] == 8 and row['steps'] == 2
@@ -121,12 +124,13 @@ def test_bad_methods_are_named(tmp_path):
         assert json.loads(r.stdout.strip().splitlines()[-1])['error']
 
 def test_compare_keeps_finished_methods(tmp_path):
-    from speeder.experiments import compare_main
-    tiny = dict(max_steps=2, batch_size=4, train_examples=16, eval_examples=8, sequence_features='zeros', lora_r=4, d_model=32, n_heads=2)
-    first = compare_main('ml-100k', 'tiny', ('text-only',), tmp_path, sasrec=False, **tiny)
+    from speeder.compare import compare_main
+    tiny = preset_settings(STAND_IN, max_steps=2, batch_size=4, train_examples=16, eval_examples=8)
+    llm = tiny.pop('llm')
+    first = compare_main(DEFAULT_DATASET, llm, ('text-only',), tmp_path, sasrec=False, **tiny)
     (tmp_path/'compare.json').write_text(json.dumps(dict(json.loads((tmp_path/'compare.json').read_text()),
                                                          rows=[dict(first['rows'][0], train_s=-1.0)])))   # mark the kept row
-    again = compare_main('ml-100k', 'tiny', ('text-only', 'speeder'), tmp_path, sasrec=False, **tiny)
-    assert [r['method'] for r in again['rows']] == ['text-only', 'speeder'] and again['rows'][0]['train_s'] == -1.0   # not retrained
+    again = compare_main(DEFAULT_DATASET, llm, ('text-only', SPEEDER), tmp_path, sasrec=False, **tiny)
+    assert [r['method'] for r in again['rows']] == ['text-only', SPEEDER] and again['rows'][0]['train_s'] == -1.0   # not retrained
     with pytest.raises(SpeederError, match='other settings'):
-        compare_main('ml-100k', 'tiny', ('text-only',), tmp_path, sasrec=False, **dict(tiny, max_steps=3))
+        compare_main(DEFAULT_DATASET, llm, ('text-only',), tmp_path, sasrec=False, **dict(tiny, max_steps=3))

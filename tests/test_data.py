@@ -1,10 +1,10 @@
-"Bad input and format tests for speeder.data and `speeder data` (each error: one line, exit 2, nothing written)."
+"Bad input and format tests for speeder.readers, speeder.data and `speeder data` (each error: one line, exit 2, nothing written)."
 import gzip, json
 import numpy as np, pytest
 from speeder.cli import run_cli
 from speeder.config import SpeederError
-from speeder.data import (prepare_dataset, read_amazon, read_movielens, sample_candidates, make_examples,
-                          write_amazon_fixture, load_processed)
+from speeder.data import prepare_dataset, sample_candidates, make_examples, write_amazon_fixture, load_processed
+from speeder.readers import read_amazon, read_movielens
 
 def _one_line_error(r, *words):
     assert r.returncode == 2, r.stderr

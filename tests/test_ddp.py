@@ -1,16 +1,19 @@
 """`speeder train` under torchrun (DDP, gloo on CPU): 2 processes x 4 examples give the losses of 1 process x 8,
 only rank 0 writes and prints, and a killed torchrun run resumes to the same result."""
-import json, os, signal, subprocess, sys, time
+import json, os, re, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
-from speeder.config import SpeederError
+from speeder.config import STAND_IN, SpeederError, preset_settings
 from speeder.experiments import train_main
+
+pytestmark = pytest.mark.usefixtures('ml100k')   # the runs' dataset, built once per session (conftest.py)
 
 # dropout off and PPT off (its position pairs are drawn per batch, so 2 x 4 would draw other pairs than 1 x 8):
 # what is left differs between 1 and 2 processes only in the order of float additions
-SET = ['--set', 'sequence_features="zeros"', 'lora_r=4', 'd_model=32', 'n_heads=2', 'valid_examples=10',
-       'dropout=0', 'lora_dropout=0', 'use_ppt=false', 'mpo=on', 'spread_weight=0', 'curve_every=null']
-ARGS = ['train', '--llm', 'tiny', '--max-steps', '12', '--train-examples', '48', '--eval-examples', '20',
+TINY = preset_settings(STAND_IN, valid_examples=10, dropout=0, lora_dropout=0, use_ppt=False, mpo='on', spread_weight=0,
+                       curve_every=None)
+SET = ['--set', *(f'{k}={json.dumps(v)}' for k, v in TINY.items() if k != 'llm')]
+ARGS = ['train', '--llm', STAND_IN, '--max-steps', '12', '--train-examples', '48', '--eval-examples', '20',
         '--checkpoint-every', '3', '--json', *SET]
 # float32 losses of ~30 whose sums run in another order: observed relative differences are ~1e-7 (1 ulp); 1e-5 leaves
 # 100x room for the drift a few more ulps per step can build, and is far below what a real bug moves (a wrong data
@@ -120,6 +123,8 @@ def test_sigkilled_torchrun_run_resumes(runs):
     resumed = torchrun(d, 'train', '--resume', str(d/'killed'), '--json')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = last_json(two), last_json(resumed)
+    at = int(re.search(r'resuming \S+ from checkpoint step-(\d{6})', resumed.stderr).group(1))   # what the log says
+    assert at > 0 and (b['resumed_at'], b['steps_run']) == (at, 12 - at)   # it ran the steps left, not all 12
     for k in ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'score_ndcg5', 'steps', 'world_size'):
         assert a[k] == b[k], k
     assert history(d/'killed') == history(d/'two')   # every loss, learning rate and gradient norm, step by step

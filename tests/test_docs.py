@@ -65,7 +65,7 @@ def test_screenshots(processed, tmp_path):
     from PIL import Image
     import numpy as np
     cd.render(results=processed)
-    for stem in ('index', '00_data', '11_explore'):
+    for stem in ('index', '03_data', '24_explore'):
         nb = next(p for p in NBS if p.stem == stem)
         if processed[nb]['error']: continue
         png = cd.screenshot(cd.PREVIEW/cd.page_name(nb), tmp_path/f'{stem}.png')
@@ -100,13 +100,13 @@ def test_check_title_catches_problems(tmp_path):
 
 def test_check_links_catches_broken_links(tmp_path):
     _nb(tmp_path/'index.ipynb', ('md', '# I\n> s'))
-    _nb(tmp_path/'01_sasrec.ipynb', ('md', '# S\n> s'))
-    nb = _nb(tmp_path/'02_x.ipynb', ('md', '# X\n> s'), ('md', '[ok](01_sasrec.ipynb) [ok](sasrec.html#fit) [ok](index.html) '
-             '[bad](03_mrc.ipynb) [bad](01_sasrec.html) [web](https://example.org/a.html) `[code](nope.ipynb)`'))
+    _nb(tmp_path/'05_sasrec.ipynb', ('md', '# S\n> s'))
+    nb = _nb(tmp_path/'02_x.ipynb', ('md', '# X\n> s'), ('md', '[ok](05_sasrec.ipynb) [ok](sasrec.html#fit) [ok](index.html) '
+             '[bad](08_mrc.ipynb) [bad](05_sasrec.html) [web](https://example.org/a.html) `[code](nope.ipynb)`'))
     errs = errors(cd.check_links(nb, nbs=tmp_path))
     assert len(errs) == 2, errs
-    assert '03_mrc.ipynb' in errs[0] and 'sasrec.html' in errs[1] and 'instead' in errs[1]
-    assert cd.page_name(tmp_path/'00_data.ipynb') == 'data.html' and cd.page_name(tmp_path/'index.ipynb') == 'index.html'
+    assert '08_mrc.ipynb' in errs[0] and 'sasrec.html' in errs[1] and 'instead' in errs[1]
+    assert cd.page_name(tmp_path/'03_data.ipynb') == 'data.html' and cd.page_name(tmp_path/'index.ipynb') == 'index.html'
 
 def test_check_docstrings_catches_missing(tmp_path, monkeypatch):
     (tmp_path/'fake_docs_mod.py').write_text('''
@@ -137,11 +137,11 @@ def test_show_doc_names_follow_nbdev(tmp_path):
 
 def test_check_sidebar_and_config_catch_drift(tmp_path):
     _nb(tmp_path/'index.ipynb', ('md', '# I\n> s'))
-    _nb(tmp_path/'00_data.ipynb', ('md', '# D\n> s'))
-    (tmp_path/'sidebar.yml').write_text('website:\n  sidebar:\n    contents:\n      - index.ipynb\n      - 01_sasrec.ipynb\n')
+    _nb(tmp_path/'03_data.ipynb', ('md', '# D\n> s'))
+    (tmp_path/'sidebar.yml').write_text('website:\n  sidebar:\n    contents:\n      - index.ipynb\n      - 05_sasrec.ipynb\n')
     found = cd.check_sidebar(tmp_path)
-    assert errors(found) == ['ERROR [sidebar] sidebar.yml: does not list 00_data.ipynb']
-    assert [f.message for f in found if not f.error] == ['lists 01_sasrec.ipynb, which does not exist (yet): nbdev_docs drops it from the site']
+    assert errors(found) == ['ERROR [sidebar] sidebar.yml: does not list 03_data.ipynb']
+    assert [f.message for f in found if not f.error] == ['lists 05_sasrec.ipynb, which does not exist (yet): nbdev_docs drops it from the site']
     (tmp_path/'_quarto.yml').write_text('project:\n  type: website\nformat:\n  html:\n    css: nope.css\nmetadata-files: [nbdev.yml]\n')
     errs = errors(cd.check_site_config(tmp_path))
     assert any('sidebar.yml' in e for e in errs) and any('nope.css' in e for e in errs) and any('nbdev.yml' in e for e in errs)

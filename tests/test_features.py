@@ -169,7 +169,7 @@ def test_hidden_size_change_rebuilds(tmp_path, count_encodes, capsys):
     assert torch.load(cache, weights_only=True)['features'].shape == (ds.n_items + 1, 16)
 
 def test_weight_hashes_are_remembered(tmp_path, monkeypatch):
-    import speeder.data as sd
+    import speeder.assets as sd
     f = tmp_path/'w.bin'
     f.write_bytes(b'x' * 1000)
     calls = []
@@ -189,7 +189,7 @@ def test_item_features_without_images(tmp_path, monkeypatch, capsys):
     def no_vision(*a, **k):
         raise AssertionError('the vision encoder must not be built for a dataset without images')
     monkeypatch.setattr(VisionEncoder, '__init__', no_vision)
-    feats = item_features(ds, text_encoder=_tiny_bert(tmp_path/'bert'), root=tmp_path)
+    feats = item_features(ds, text_encoder=_tiny_bert(tmp_path/'bert'), root=tmp_path, standardize=False)
     n = ds.n_items + 1
     assert feats.dims == dict(text=16, vision=1280, sequence=SEQUENCE_DIM)
     assert feats.vision.shape == (n, 1280) and feats.vision.abs().sum() == 0 and not feats.vision_present.any()
@@ -200,11 +200,11 @@ def test_item_features_sequence_and_to(tmp_path):
     ds = _amazon(tmp_path, drop=['B00003'])
     bert = _tiny_bert(tmp_path/'bert')
     seq = torch.randn(ds.n_items + 1, 8)
-    feats = item_features(ds, text_encoder=bert, sequence=seq, root=tmp_path).to('cpu')
+    feats = item_features(ds, text_encoder=bert, sequence=seq, root=tmp_path, standardize=False).to('cpu')
     assert isinstance(feats, ItemFeatures) and feats.dims == dict(text=16, vision=1280, sequence=8)
     assert torch.equal(feats.sequence, seq) and feats.meta['sequence'] == 'given'
     assert int(feats.vision_present.sum()) == ds.n_items - 1
     with pytest.raises(SpeederError, match=rf'expected \({ds.n_items + 1}, d\)'):
-        item_features(ds, text_encoder=bert, sequence=seq[1:], root=tmp_path)
+        item_features(ds, text_encoder=bert, sequence=seq[1:], root=tmp_path, standardize=False)
     with pytest.raises(SpeederError, match='disagree'):
         ItemFeatures(feats.text, feats.vision[:3], feats.vision_present, feats.sequence)

@@ -1,19 +1,18 @@
-"Bad input and fast behaviour tests for speeder.llm (the tiny stand-in backbone; seconds each on a CPU)."
+"Bad input and fast behaviour tests for the backbone, prompt, model, answer and train rooms (the tiny stand-in backbone; seconds each on a CPU)."
 import json
 import numpy as np
 import pytest, torch
-from speeder.config import SpeederError
+import torch.nn.functional as F
+from speeder.config import GENERATE, JOINT, SCORE, STAND_IN, SpeederConfig, SpeederError
 from speeder.assets import fetch_asset
-from speeder.data import Split, load_dataset
-from speeder.features import ItemFeatures
-from speeder.config import SpeederConfig, LABELS
-from speeder.data import toy_split
+from speeder.data import Split, toy_split
 from speeder.features import random_features
 from speeder.backbone import add_lora, check_causal_lm, load_backbone, tiny_llm, smollm2_tokenizer
 from speeder.prompt import SpeederPrompt, ITEM_TOKEN, render_prompt
-from speeder.model import SpeederRecommender, LOSS_KEYS
+from speeder.model import SpeederRecommender, LOSS_KEYS, load_recommender
 from speeder.answer import evaluate, recommend, reorder_histories
-from speeder.train import fit
+from speeder.train import fit, steps_for_minutes, time_per_step, token_stats
+from speeder.mpo import mpo_stages, train_stages
 
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
@@ -23,20 +22,12 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-def _features(n_items=60, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = {m: torch.randn(n_items + 1, d, generator=g) for m, d in dict(text=384, vision=1280, sequence=64).items()}
-    present = torch.arange(n_items + 1) % 2 == 1
-    for x in t.values():
-        x[0] = 0
-    t['vision'][~present] = 0
-    return ItemFeatures(t['text'], t['vision'], present, t['sequence'])
-
 def _model(**kw):
-    cfg = SpeederConfig(**dict(dict(llm='tiny', lora_r=4, d_model=32, n_heads=2, dropout=0.0, lora_dropout=0.0), **kw))
-    return SpeederRecommender(_features(), cfg, device='cpu')
+    "The tiny stand-in on random features (60 items), without dropout; `kw` overrides the tiny preset."
+    cfg = SpeederConfig.preset(STAND_IN, **dict(dict(dropout=0.0, lora_dropout=0.0), **kw))
+    return SpeederRecommender(random_features(), cfg, load_backbone(STAND_IN), device='cpu')
 
-_toy = toy_split   # the 05_llm notebook's toy: 8 memorisable examples over 60 items
+_toy = toy_split   # 15_train's toy: 8 memorisable examples over 60 items
 
 # --- the --llm path --------------------------------------------------------------------------------------------
 
@@ -74,13 +65,13 @@ def test_llm_path_a_real_causal_lm_folder(tmp_path):
 
 def test_lora_targets_must_exist():
     with pytest.raises(SpeederError, match='not linear layers') as e:
-        add_lora(load_backbone('tiny')[0], targets=('q_proj', 'query'))
+        add_lora(load_backbone(STAND_IN)[0], targets=('q_proj', 'query'))
     assert 'query' in str(e.value) and 'q_proj' in str(e.value).split('it has:')[1]
 
 # --- config ------------------------------------------------------------------------------------------------------
 
 def test_config_roundtrip_and_unknown_keys():
-    cfg = SpeederConfig(llm='tiny', modalities=('text', 'sequence'), lora_targets=['q_proj'])
+    cfg = SpeederConfig(llm=STAND_IN, modalities=('text', 'sequence'), lora_targets=['q_proj'])
     assert SpeederConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(SpeederError, match='lora_rank'):
         SpeederConfig.from_dict(dict(lora_rank=4))
@@ -157,14 +148,14 @@ def test_losses_and_modalities():
 def test_answer_modes_and_bad_modes():
     m = _model()
     h, c = np.array([[0] * 7 + [5, 6, 7]] * 3), np.stack([np.arange(11, 31), np.arange(21, 41), np.arange(41, 61)])
-    s = recommend(m, h, c, 'score')
+    s = recommend(m, h, c, SCORE)
     assert s['scores'].shape == (3, 20) and all(p in row for p, row in zip(s['picks'], c))
-    g = recommend(m, h, c, 'generate')
+    g = recommend(m, h, c, GENERATE)
     assert len(g['answers']) == 3 and all(p is None or p in row for p, row in zip(g['picks'], c))
     with pytest.raises(SpeederError, match='answer mode'):
         recommend(m, h, c, 'beam')
     with pytest.raises(SpeederError, match='item ids must lie in 0..60'):
-        recommend(m, h, c + 1, 'score')
+        recommend(m, h, c + 1, SCORE)
     with pytest.raises(SpeederError, match='no saved candidates'):
         evaluate(m, Split(np.zeros(1), h[:1], np.array([25])))
 
@@ -173,7 +164,7 @@ def test_generate_and_score_agree_on_a_trained_toy():
     toy = _toy()
     m = _model(d_model=64, lora_r=8, lr=5e-3, batch_size=8, max_steps=150, warmup_steps=5, use_ppt=False)
     fit(m, toy)
-    gen, sc = recommend(m, toy.histories, toy.candidates, 'generate'), recommend(m, toy.histories, toy.candidates, 'score')
+    gen, sc = recommend(m, toy.histories, toy.candidates, GENERATE), recommend(m, toy.histories, toy.candidates, SCORE)
     assert sc['picks'] == list(toy.targets)
     assert gen['picks'] == sc['picks']
 
@@ -210,28 +201,40 @@ def test_config_accepts_json_and_comma_lists():
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.modalities == ('text', 'sequence') and cfg.skip_bad_images
 
 def test_drop_modality_masks_fixed_items():
-    cfg = SpeederConfig(llm='tiny', lora_r=4, d_model=32, n_heads=2, drop_modality=0.5)
-    m = SpeederRecommender(random_features(), cfg, backbone=load_backbone('tiny'))
-    kept = m.modality_kept
+    kept = _model(drop_modality=0.5).modality_kept
     assert kept[:, 0].all() and 0.3 < kept[:, 1:].float().mean() < 0.7
-    m2 = SpeederRecommender(random_features(), cfg, backbone=load_backbone('tiny'))
-    assert torch.equal(kept, m2.modality_kept)   # the same items lose the same modalities, at train and test time
+    assert torch.equal(kept, _model(drop_modality=0.5).modality_kept)   # the same items lose the same modalities, always
+
+def test_the_backbone_is_handed_in():
+    "A model is built on a loaded backbone (nothing is fetched in the constructor); `load_recommender` loads `cfg.llm` first."
+    cfg = SpeederConfig.preset(STAND_IN)
+    a = SpeederRecommender(random_features(), cfg, load_backbone(STAND_IN), device='cpu')
+    b = load_recommender(random_features(), cfg, device='cpu')
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(TypeError, match='backbone'):
+        SpeederRecommender(random_features(), cfg, device='cpu')
 
 # --- issue: item tokens keep their identity, a direct signal for the choice ------------------------------------------
 
-def test_item_tokens_stay_at_the_word_scale_and_apart():
-    "Trained on the toy, the tiny model's item tokens keep the words' RMS and do not collapse onto one direction."
-    from speeder.train import token_stats
+def test_item_tokens_stay_apart_with_the_spread_loss():
+    "Trained on the toy, the tiny model's item tokens turn towards one direction without the spread loss, not with it."
     items, ends = torch.arange(1, 61), {}
     for w in (1.0, 0.0):
         m = _model(d_model=64, lora_r=8, lr=5e-3, batch_size=8, max_steps=120, warmup_steps=5, spread_weight=w)
-        start = token_stats(m, items)
         fit(m, _toy())
         ends[w] = token_stats(m, items)
-        assert start['token_rms'] == pytest.approx(start['word_rms'], rel=1e-3)
-        assert ends[w]['token_rms'] == pytest.approx(ends[w]['word_rms'], rel=1e-3)
     assert ends[0.0]['token_cos'] > 0.7, ends   # without the spread loss they turn towards one direction
     assert ends[1.0]['token_cos'] < 0.2, ends   # with it they stay apart
+
+def test_token_stats_measure_size_and_cosine():
+    m = _model().eval()
+    items = torch.arange(1, 11)
+    with torch.no_grad():
+        x = m.item_tokens(items)
+    cos = F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T
+    st = token_stats(m, items)
+    assert st['token_cos'] == pytest.approx(cos[~torch.eye(10, dtype=torch.bool)].mean().item(), abs=1e-6)
+    assert st['token_rms'] == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-6)
 
 def test_token_scale_none_is_mrc_raw_output():
     m = _model(token_scale='none')
@@ -240,15 +243,44 @@ def test_token_scale_none_is_mrc_raw_output():
     assert x.pow(2).mean().sqrt().item() != pytest.approx(m.word_rms.item(), rel=1e-2)
 
 def test_listwise_loss_and_its_switch():
-    b_model = _model()
-    toy = _toy()
-    b = b_model.prompt.batch(toy.histories, toy.candidates, toy.targets)
-    on = b_model(b)
-    assert on['listwise_loss'] > 0 and on['loss'] > on['lm_loss']
-    off = _model(listwise_weight=0.0)(b)
+    "The listwise term is the cross-entropy of the head's scores at the letters; with weight 0 it adds nothing."
+    m, toy = _model(use_ppt=False).eval(), _toy()
+    b = m.prompt.batch(toy.histories, toy.candidates, toy.targets)
+    with torch.no_grad():
+        on = m(b)
+        hs = m.lm(m.embed(b), b, output_hidden_states=True).hidden_states[m.listwise_index]
+        scores = m.listwise_head(hs, b['label_pos'])
+    by_hand = -scores.log_softmax(1)[torch.arange(len(toy)), b['target']].mean()
+    assert on['listwise_loss'].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert on['listwise_acc'].item() == pytest.approx((scores.argmax(1) == b['target']).float().mean().item())
+    rest = lambda o: o['lm_loss'] + o['letter_loss'] + o['spread_loss']
+    assert on['loss'].item() == pytest.approx((rest(on) + on['listwise_loss']).item(), rel=1e-6)
+    m.cfg.listwise_weight = 0.0
+    with torch.no_grad():
+        off = m(b)
     assert off['listwise_loss'] == 0 and off['listwise_acc'] == 0
+    assert off['loss'].item() == pytest.approx(rest(off).item(), rel=1e-6) and off['lm_loss'] == on['lm_loss']
     hist = fit(_model(d_model=64, lora_r=8, lr=5e-3, batch_size=8, max_steps=80, warmup_steps=5), toy)
     assert np.mean([r['listwise_acc'] for r in hist[-10:]]) > np.mean([r['listwise_acc'] for r in hist[:10]])
+
+def test_minutes_budget_and_the_valid_curve():
+    "A budget of a fraction of a minute: its steps follow from timing, the curve has a start, spaced points and an end."
+    toy, cfg = _toy(16), SpeederConfig.preset(STAND_IN, minutes=0.01, batch_size=4)
+    m = SpeederRecommender(random_features(), cfg, load_backbone(STAND_IN), device='cpu')
+    total = steps_for_minutes(cfg.minutes, time_per_step(m, toy))
+    stages = mpo_stages(cfg.modalities, has_images=False, mpo='on', cfg=cfg)[0]
+    every = 0.1
+    st = train_stages(m, toy, stages, total, toy, curve_every=every, curve_examples=8, json_progress=True)
+    pts, hist = st['curve'], st['history']
+    assert len(hist) == sum(max(1, round(s.share * total)) for s in stages)
+    assert (pts[0]['step'], pts[0]['seconds'], pts[0]['stage']) == (0, 0.0, 'text')
+    assert (pts[-1]['step'], pts[-1]['stage']) == (len(hist), JOINT)
+    assert pts[-1]['seconds'] == pytest.approx(sum(r['step_s'] for r in hist))
+    assert all(b['seconds'] >= a['seconds'] + every for a, b in zip(pts[:-2], pts[1:-1]))   # spaced by `every` s
+    assert [p['step'] for p in pts] == sorted({p['step'] for p in pts})
+    assert all(p['n'] == 8 and 0 <= p['hr1'] <= 1 for p in pts)
+    off = train_stages(_model(batch_size=4), toy, stages, 2, toy, curve_every=None)
+    assert off['curve'] == [] and len(off['history']) == 2   # curve_every=None: no curve
 
 def test_item_lr_sets_its_own_groups():
     from speeder.model import group_parameters

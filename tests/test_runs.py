@@ -1,19 +1,26 @@
 """Runs you can trust: names that cannot escape, overwrite only on success, nothing executed on resume, a finished
 marker written last, every input checked before work starts (one line, exit 2, nothing written), a real SIGKILL + resume."""
-import errno, json, os, shutil, signal, subprocess, sys, time
+import errno, json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from speeder.cli import run_cli
-from speeder.config import SpeederError
-from speeder.assets import data_root
+from speeder.config import STAND_IN, SpeederError, preset_settings
 import speeder.runs as runs
+import speeder.experiments as exp
 from speeder.mpo import RunInterrupted
 
-TINY = dict(sequence_features='zeros', lora_r=4, d_model=32, n_heads=2, train_examples=48, batch_size=4,
-            eval_examples=20, valid_examples=10)
-TINY_SET = ['--set', 'sequence_features="zeros"', 'lora_r=4', 'd_model=32', 'n_heads=2', 'valid_examples=10']
-TINY_CLI = ['--llm', 'tiny', '--max-steps', '4', '--batch-size', '4', '--train-examples', '32', '--eval-examples', '8',
+pytestmark = pytest.mark.usefixtures('ml100k')   # the runs' dataset, built once per session (conftest.py)
+
+TINY = preset_settings(STAND_IN, train_examples=48, batch_size=4, eval_examples=20, valid_examples=10)
+# the same preset on the command line: --llm tiny --set <its other fields>
+TINY_SET = ['--set', *(f'{k}={json.dumps(v)}' for k, v in preset_settings(STAND_IN, valid_examples=10).items() if k != 'llm')]
+TINY_CLI = ['--llm', STAND_IN, '--max-steps', '4', '--batch-size', '4', '--train-examples', '32', '--eval-examples', '8',
             *TINY_SET]
+RESUMING = re.compile(r'resuming \S+ from checkpoint step-(\d{6})')   # the log line of a resumed run
+
+def train(name:str, runs_dir:Path, **kw)->dict:
+    "`train_main` of the tiny preset (with `kw` on top) into `runs_dir/name`."
+    return exp.train_main(name=name, runs_dir=runs_dir, **{**TINY, **kw})
 
 def tree(folder:Path)->list:
     "Every path under `folder`, with the size of each file (what 'nothing written' compares)."
@@ -28,19 +35,18 @@ def one_line_error(r:subprocess.CompletedProcess, says:str):
     assert says in last['error'] and last['exit_code'] == 2
 
 @pytest.fixture
-def fresh_data(tmp_path):
+def fresh_data(tmp_path, ml100k):
     "A data folder with ML-100k's processed files and the assets, but no SASRec and no feature cache."
-    real = data_root()
     d = tmp_path/'data'
     (d/'ml-100k').mkdir(parents=True)
-    (d/'.assets').symlink_to(real/'.assets')
-    shutil.copytree(real/'ml-100k'/'processed', d/'ml-100k'/'processed')
+    (d/'.assets').symlink_to(ml100k.parent.parent/'.assets')   # processed -> ml-100k -> data
+    shutil.copytree(ml100k, d/'ml-100k'/'processed')
     return d
 
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
     d = tmp_path_factory.mktemp('runs')
-    res = runs.train_main('ml-100k', 'tiny', 'done', runs_dir=d, max_steps=4, checkpoint_every=2, **TINY)
+    res = train('done', d, max_steps=4, checkpoint_every=2)
     return d/'done', res
 
 # --- names and folders ----------------------------------------------------------------------------------------------
@@ -68,8 +74,8 @@ def test_overwrite_replaces_only_on_success(finished_run, tmp_path):
     one_line_error(r, 'does not exist')
     assert tree(tmp_path) == before
     with pytest.raises(SpeederError, match='already exists; pass --overwrite'):
-        runs.train_main('ml-100k', 'tiny', 'goodrun', runs_dir=rd, max_steps=2, **TINY)
-    res = runs.train_main('ml-100k', 'tiny', 'goodrun', runs_dir=rd, overwrite=True, max_steps=2, **dict(TINY, seed=5))
+        train('goodrun', rd, max_steps=2)
+    res = train('goodrun', rd, overwrite=True, max_steps=2, seed=5)
     assert sorted(p.name for p in rd.iterdir()) == ['goodrun'] and res['run_dir'] == str(rd/'goodrun')
     assert json.loads((rd/'goodrun'/'config.json').read_text())['seed'] == 5
 
@@ -80,26 +86,26 @@ def test_failed_overwrite_keeps_the_old_run(finished_run, tmp_path, monkeypatch)
     before = tree(tmp_path)
     def broken(*a, **k):
         raise SpeederError('the GPU caught fire')
-    monkeypatch.setattr(runs, 'train_stages', broken)
+    monkeypatch.setattr(exp, 'train_stages', broken)
     with pytest.raises(SpeederError, match='caught fire'):
-        runs.train_main('ml-100k', 'tiny', 'goodrun', runs_dir=rd, overwrite=True, max_steps=2, **TINY)
+        train('goodrun', rd, overwrite=True, max_steps=2)
     assert tree(tmp_path) == before
 
 def test_failed_start_leaves_nothing(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise SpeederError('features went missing')
-    monkeypatch.setattr(runs, 'build_model', broken)
+    monkeypatch.setattr(exp, 'build_model', broken)
     with pytest.raises(SpeederError, match='features went missing'):
-        runs.train_main('ml-100k', 'tiny', 'r', runs_dir=tmp_path, max_steps=2, **TINY)
+        train('r', tmp_path, max_steps=2)
     assert list(tmp_path.iterdir()) == []   # the name stays free
     monkeypatch.undo()
-    assert runs.train_main('ml-100k', 'tiny', 'r', runs_dir=tmp_path, max_steps=2, **TINY)['steps'] == 2
+    assert train('r', tmp_path, max_steps=2)['steps'] == 2
 
 def test_unwritable_run_dir(tmp_path):
     blocker = tmp_path/'file'
     blocker.write_text('x')
     with pytest.raises(SpeederError, match='is a file'):
-        runs.train_main('ml-100k', 'tiny', 'r', runs_dir=blocker, max_steps=2, **TINY)
+        train('r', blocker, max_steps=2)
 
 def test_runs_go_next_to_the_data_dir(fresh_data):
     r = run_cli('train', *TINY_CLI, '--data-dir', str(fresh_data), '--name', 'beside', '--json')
@@ -123,8 +129,7 @@ def test_runs_go_next_to_the_data_dir(fresh_data):
 def test_bad_input_is_refused_before_any_work(fresh_data, args, says):
     "One line, exit 2, the JSON error as the last stdout line, nothing written: no run folder, no SASRec, no features."
     before = tree(fresh_data.parent)
-    base = [a for a in ['train', *TINY_CLI] if a != 'sequence_features="zeros"' and a != '--set']   # SASRec would be needed
-    base = ['train', '--llm', 'tiny', '--max-steps', '4', '--batch-size', '4']
+    base = ['train', '--llm', STAND_IN, '--max-steps', '4', '--batch-size', '4']   # sequence features: SASRec would be needed
     r = run_cli(*base, '--data-dir', str(fresh_data), '--name', 'x', *args, '--json')
     one_line_error(r, says)
     assert tree(fresh_data.parent) == before
@@ -141,7 +146,7 @@ def test_json_errors_for_usage_and_unknown_commands():
 
 def test_resume_needs_a_run(tmp_path):
     with pytest.raises(SpeederError, match='not a Speeder run folder'):
-        runs.train_main(resume=tmp_path)
+        exp.train_main(resume=tmp_path)
     r = run_cli('train', '--resume', str(tmp_path/'missing'), '--json')
     one_line_error(r, 'not a Speeder run folder')
     one_line_error(run_cli('train', '--resume', str(tmp_path), '--llm', 'tiny', '--json'), 'drop --dataset and --llm')
@@ -152,6 +157,7 @@ def test_llm_path_missing_or_not_causal(tmp_path):
     enc = tmp_path/'encoder'
     enc.mkdir()
     (enc/'config.json').write_text(json.dumps(dict(model_type='bert', architectures=['BertModel'])))
+    (enc/'model.safetensors').write_bytes(b'')   # weights are there: what is refused is the kind of model
     r = run_cli('train', '--llm', str(enc), '--runs-dir', str(tmp_path), '--json', '--max-steps', '2')
     one_line_error(r, 'not a causal')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['encoder']
@@ -166,7 +172,7 @@ def test_run_folder_contents(finished_run):
     assert [s['stage'] for s in res['stages']] == ['joint'] and "MPO 'auto' without item images" in res['notes'][-1]
     assert not any((run/'lora').rglob('model.safetensors'))   # the frozen backbone is never saved
     assert runs.read_run_config(run).max_steps == 4            # config.json is the SpeederConfig
-    ev = runs.evaluate_main(run, 'score', 20)
+    ev = exp.evaluate_main(run, 'score', 20)
     assert ev['hr1'] == pytest.approx(res['score_hr1'])
 
 def test_every_entry_point_opens_a_cli_run(tmp_path):
@@ -176,7 +182,7 @@ def test_every_entry_point_opens_a_cli_run(tmp_path):
     rec = run_cli('recommend', str(tmp_path/'cli'), '--user', '1', '--json')
     assert ev.returncode == 0 and rec.returncode == 0, (ev.stderr[-1000:], rec.stderr[-1000:])
     assert json.loads(ev.stdout.splitlines()[-1])['hr1'] == json.loads(r.stdout.splitlines()[-1])['score_hr1']
-    model, ds, cfg = runs.load_trained(tmp_path/'cli')   # the Python API opens the same folder
+    model, ds, cfg = exp.load_trained(tmp_path/'cli')   # the Python API opens the same folder
     assert cfg.max_steps == 4 and model.is_stand_in
 
 def test_unfinished_runs_are_not_opened(finished_run, tmp_path):
@@ -184,7 +190,7 @@ def test_unfinished_runs_are_not_opened(finished_run, tmp_path):
     shutil.copytree(finished_run[0], run)
     (run/'metrics.json').unlink()
     with pytest.raises(SpeederError, match='has not finished'):
-        runs.load_trained(run)
+        exp.load_trained(run)
 
 def test_hidden_size_mismatch(finished_run, tmp_path):
     run = tmp_path/'copy'
@@ -194,11 +200,11 @@ def test_hidden_size_mismatch(finished_run, tmp_path):
     mods['mrc']['output_adapter.3.weight'] = torch.zeros(4096, w.shape[1])
     torch.save(mods, run/'modules.pt')
     with pytest.raises(SpeederError, match='hidden size 4096'):
-        runs.evaluate_main(run, 'score', 5)
+        exp.evaluate_main(run, 'score', 5)
 
 def test_recommend_unknown_user(finished_run):
     with pytest.raises(SpeederError, match="unknown user 'nobody'"):
-        runs.recommend_main(finished_run[0], 'nobody')
+        exp.recommend_main(finished_run[0], 'nobody')
 
 # --- checkpoints and the finished marker -----------------------------------------------------------------------------
 
@@ -210,7 +216,7 @@ def test_failed_checkpoint_write_keeps_previous(finished_run, monkeypatch, tmp_p
     run = tmp_path/'copy'
     shutil.copytree(finished_run[0], run)
     before = (run/'checkpoints'/'latest.json').read_text()
-    model, ds, cfg = runs.load_trained(run)
+    model, ds, cfg = exp.load_trained(run)
     if where == 'torch_save':
         monkeypatch.setattr(runs.torch, 'save', disk_full)
     elif where == 'peft_save':
@@ -230,21 +236,21 @@ def test_failed_final_save_is_not_finished_and_resumes(tmp_path, monkeypatch):
     "A crash while the final results are written leaves a run without metrics.json that --resume finishes."
     def broken(*a, **k):
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(runs, 'write_report', broken)
+    monkeypatch.setattr(exp, 'write_report', broken)
     with pytest.raises(SpeederError, match='its last checkpoint is intact: continue it with --resume'):
-        runs.train_main('ml-100k', 'tiny', 'crash', runs_dir=tmp_path, max_steps=4, **TINY)
+        train('crash', tmp_path, max_steps=4)
     assert not (tmp_path/'crash'/'metrics.json').exists()
     with pytest.raises(SpeederError, match='has not finished'):
-        runs.load_trained(tmp_path/'crash')
+        exp.load_trained(tmp_path/'crash')
     monkeypatch.undo()
-    res = runs.train_main(resume=tmp_path/'crash')
+    res = exp.train_main(resume=tmp_path/'crash')
     assert res['steps'] == 4 and (tmp_path/'crash'/'metrics.json').exists()
+    assert (res['resumed_at'], res['steps_run']) == (4, 0)   # every step was done: it only finished the results
 
 def test_resuming_a_crafted_checkpoint_executes_nothing(tmp_path):
     "A stranger's run folder whose state.pt unpickles into a command is refused, and the command never runs."
     try:
-        runs.train_main('ml-100k', 'tiny', 'stranger', runs_dir=tmp_path, max_steps=8, checkpoint_every=2, stop_after=3,
-                         **TINY)
+        train('stranger', tmp_path, max_steps=8, checkpoint_every=2, stop_after=3)
     except RunInterrupted:
         pass
     marker = tmp_path/'pwned'
@@ -277,21 +283,22 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     resumed = run_cli('train', '--resume', str(tmp_path/'killed'), '--json')
     assert resumed.returncode == 0, resumed.stderr
     a, b = json.loads(clean.stdout.splitlines()[-1]), json.loads(resumed.stdout.splitlines()[-1])
+    at = int(RESUMING.search(resumed.stderr).group(1))   # the checkpoint the log says it resumed from
+    assert at > 0 and (b['resumed_at'], b['steps_run']) == (at, 40 - at)   # it ran the steps left, not all 40
     for k in ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'score_ndcg5', 'steps'):
         assert a[k] == b[k], k
 
 # --- ablations ----------------------------------------------------------------------------------------------------------
 
 def test_ablate_table_and_plot(tmp_path):
-    out = runs.ablate_main('ml-100k', 'tiny', ['speeder', 'no-ppl', 'drop-modality-0.5'], runs_dir=tmp_path,
-                           max_steps=2, **TINY)
+    out = exp.ablate_main(variants=['speeder', 'no-ppl', 'drop-modality-0.5'], runs_dir=tmp_path, max_steps=2, **TINY)
     assert [r['variant'] for r in out['rows']] == ['speeder', 'no-ppl', 'drop-modality-0.5']
     assert Path(out['plot']).exists() and all(0 <= r['vhr1'] <= 1 for r in out['rows'])
     assert json.loads((tmp_path/'ablate-ml-100k-no-ppl'/'config.json').read_text())['use_ppl'] is False
     with pytest.raises(SpeederError, match='unknown ablation'):
-        runs.ablate_main('ml-100k', 'tiny', ['nope'], runs_dir=tmp_path)
+        exp.ablate_main(variants=['nope'], runs_dir=tmp_path)
     with pytest.raises(SpeederError, match='already exists'):   # checked before the first variant trains
-        runs.ablate_main('ml-100k', 'tiny', ['no-ppt', 'speeder'], runs_dir=tmp_path, max_steps=2, **TINY)
+        exp.ablate_main(variants=['no-ppt', 'speeder'], runs_dir=tmp_path, max_steps=2, **TINY)
     assert not (tmp_path/'ablate-ml-100k-no-ppt').exists()
 
 def test_switches_are_the_cli_flags(tmp_path):

@@ -1,6 +1,6 @@
 """Check speeder's documentation without quarto.
 
-    python tests/docs/check_docs.py [--screenshots OUT_DIR] [--force] [--pages index,00_data]
+    python tests/docs/check_docs.py [--screenshots OUT_DIR] [--force] [--pages index,03_data]
 
 `nbdev_docs` = `nbdev_proc_nbs` (process the notebooks into `_proc/`) + `quarto render`. Quarto cannot be installed
 here, so this script does the first half exactly as nbdev does (same `FilterDefaults` processors, same `nbdev.yml`
@@ -81,7 +81,7 @@ def notebooks(nbs=NBS):
     return sorted(files, key=lambda p: (p.name != 'index.ipynb', str(p.relative_to(nbs))))
 
 def page_name(nb: Path) -> str:
-    "The HTML file quarto writes for a notebook under nbdev (numeric prefix dropped: `00_data.ipynb` -> `data.html`)."
+    "The HTML file quarto writes for a notebook under nbdev (numeric prefix dropped: `03_data.ipynb` -> `data.html`)."
     from nbdev.doclinks import _nbpath2html
     return _nbpath2html(Path(nb)).name
 
@@ -472,8 +472,20 @@ def exported_names(nb: Path):
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith('_'):
                 target = hidden if ('hide' in d or d.get('include') == 'false') else names
-                target[node.name] = (mod, i)
+                target[_documented_name(node)] = (mod, i)
     return names, hidden
+
+def _documented_name(node)->str:
+    "`Class.method` for a fastcore `@patch` on `Class` (what nbdev's show_doc names it), else the plain name."
+    patched = any((isinstance(x, ast.Name) and x.id == 'patch') or
+                  (isinstance(x, ast.Call) and isinstance(x.func, ast.Name) and x.func.id == 'patch')
+                  for x in getattr(node, 'decorator_list', []))
+    args = getattr(node, 'args', None)
+    if not patched or not args or not args.args or args.args[0].annotation is None:
+        return node.name
+    owner = args.args[0].annotation
+    owner = owner.id if isinstance(owner, ast.Name) else ast.unparse(owner)
+    return f'{owner}.{node.name}'
 
 def _show_doc_cells(proc_nb):
     res = {}
@@ -664,7 +676,7 @@ def screenshot(html_file: Path, png: Path, size=(1280, 2000), timeout=120):
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_checks(nbs=NBS, force=False, screenshots=None, pages=('index', '00_data'), quiet=False):
+def run_checks(nbs=NBS, force=False, screenshots=None, pages=('index', '03_data'), quiet=False):
     "Everything above, in order. Returns (findings, results-of-processing, screenshot paths)."
     t0 = time.time()
     def say(*a):
@@ -702,7 +714,7 @@ def run_checks(nbs=NBS, force=False, screenshots=None, pages=('index', '00_data'
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--screenshots', metavar='OUT_DIR', help='also screenshot the rendered pages with headless chromium')
-    ap.add_argument('--pages', default='index,00_data', help='notebooks to screenshot (comma-separated stems)')
+    ap.add_argument('--pages', default='index,03_data', help='notebooks to screenshot (comma-separated stems)')
     ap.add_argument('--force', action='store_true', help='reprocess every notebook (ignore the _proc cache)')
     ap.add_argument('--json', metavar='FILE', help='also write the findings as JSON')
     ap.add_argument('--proc-one', nargs=2, metavar=('SRC', 'DST'), help=argparse.SUPPRESS)   # worker mode
