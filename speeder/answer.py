@@ -15,8 +15,8 @@ from .dist import gather_objects, is_main, rank, world_size
 from .model import SpeederRecommender
 
 # %% auto #0
-__all__ = ['REORDERINGS', 'check_mode', 'autocast', 'score_candidates', 'generate_answers', 'recommend', 'evaluate',
-           'reorder_histories', 'order_sensitivity']
+__all__ = ['REORDERINGS', 'check_mode', 'autocast', 'score_candidates', 'generate_answers', 'answer_both', 'recommend',
+           'evaluate', 'recommend_both', 'evaluate_both', 'reorder_histories', 'order_sensitivity']
 
 # %% ../nbs/14_answer.ipynb #aed0fb8d
 def check_mode(mode:str, # an answer mode
@@ -32,31 +32,29 @@ def autocast(device:torch.device, # where the model runs
     return torch.autocast('cpu', enabled=False)
 
 # %% ../nbs/14_answer.ipynb #9a3d842c
+def _letter_scores(model:SpeederRecommender, out)->torch.Tensor:
+    "Log-softmax at the answer position of a prompt pass `out`, read at the candidates' letters: `(B, C)` on the CPU."
+    logp = out.logits[:, -1].float().log_softmax(-1)
+    return logp[:, torch.tensor(model.prompt.label_ids, device=logp.device)].cpu()
+
+def _check_scores(model:SpeederRecommender):
+    if not model.prompt.can_score:
+        raise SpeederError(f'{type(model.prompt).__name__} answers in free text; it has no score mode (use generate)')
+
 @torch.no_grad()
 def score_candidates(model:SpeederRecommender, # the recommender
                      batch:dict, # a prompt batch without answers
                      active=None, # modalities MRC uses (default the config's)
                     )->torch.Tensor:
     "Log-probability of each candidate's letter after the prompt: `(B, n_candidates)`."
-    if not model.prompt.can_score:
-        raise SpeederError(f'{type(model.prompt).__name__} answers in free text; it has no score mode (use generate)')
-    out = model.lm(model.embed(batch, active), batch, keep=1)
-    logp = out.logits[:, -1].float().log_softmax(-1)
-    return logp[:, torch.tensor(model.prompt.label_ids, device=logp.device)].cpu()
+    _check_scores(model)
+    return _letter_scores(model, model.lm(model.embed(batch, active), batch, keep=1))
 
 # %% ../nbs/14_answer.ipynb #9d631cbe
-@torch.no_grad()
-def generate_answers(model:SpeederRecommender, # the recommender
-                     batch:dict, # a prompt batch without answers
-                     max_new_tokens:int|None=None, # tokens to decode (default the prompt's or the config's)
-                     active=None, # modalities MRC uses
-                     stop_at_eos:bool=True, # False: always decode `max_new_tokens` tokens (benchmarks)
-                    )->list[str]:
-    "Greedy answers (KV cache, stops at the end token), decoded without special tokens."
-    n = max_new_tokens or model.prompt.max_answer_tokens or model.cfg.max_new_tokens
+def _decode(model:SpeederRecommender, out, batch:dict, n:int, stop_at_eos:bool=True)->list[str]:
+    "Greedy tokens from a prompt pass `out` on (its last position gives the first), through its KV cache; decoded."
     eos, dev = model.prompt.eos_id, model.device
     mask, pos = batch['attention_mask'].to(dev), batch['position_ids'].to(dev)
-    out = model.lm(model.embed(batch, active), batch, keep=1, use_cache=True)
     done = torch.zeros(len(mask), dtype=torch.bool, device=dev)
     steps = []
     for i in range(n):
@@ -69,6 +67,35 @@ def generate_answers(model:SpeederRecommender, # the recommender
         out = model.llm(inputs_embeds=model.llm.get_input_embeddings()(nxt[:, None]), attention_mask=mask,
                         position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
     return model.prompt.tokenizer.batch_decode(torch.stack(steps, 1).cpu(), skip_special_tokens=True)
+
+def _answer_tokens(model:SpeederRecommender, max_new_tokens:int|None)->int:
+    return max_new_tokens or model.prompt.max_answer_tokens or model.cfg.max_new_tokens
+
+@torch.no_grad()
+def generate_answers(model:SpeederRecommender, # the recommender
+                     batch:dict, # a prompt batch without answers
+                     max_new_tokens:int|None=None, # tokens to decode (default the prompt's or the config's)
+                     active=None, # modalities MRC uses
+                     stop_at_eos:bool=True, # False: always decode `max_new_tokens` tokens (benchmarks)
+                    )->list[str]:
+    "Greedy answers (KV cache, stops at the end token), decoded without special tokens."
+    out = model.lm(model.embed(batch, active), batch, keep=1, use_cache=True)
+    return _decode(model, out, batch, _answer_tokens(model, max_new_tokens), stop_at_eos)
+
+# %% ../nbs/14_answer.ipynb #d4b1a002
+@torch.no_grad()
+def answer_both(model:SpeederRecommender, # the recommender (its prompt must have letters)
+                batch:dict, # a prompt batch without answers
+                active=None, # modalities MRC uses
+                max_new_tokens:int|None=None, # tokens to decode (default the prompt's or the config's)
+               )->tuple:
+    "Score and generate from ONE pass over the prompts: (letter log-probabilities `(B, C)`, answers, seconds of the pass)."
+    _check_scores(model)
+    t0 = time.time()
+    out = model.lm(model.embed(batch, active), batch, keep=1, use_cache=True)
+    scores = _letter_scores(model, out)   # on the CPU: the pass has finished
+    pass_s = time.time() - t0
+    return scores, _decode(model, out, batch, _answer_tokens(model, max_new_tokens)), pass_s
 
 # %% ../nbs/14_answer.ipynb #531ed2c6
 def _batches(n:int, size:int):
@@ -104,6 +131,13 @@ def recommend(model:SpeederRecommender, # the recommender
     return dict(picks=picks, scores=torch.cat(scores).numpy() if scores else None, answers=answers or None)
 
 # %% ../nbs/14_answer.ipynb #23f0433b
+def _examples(split:Split, max_examples:int|None)->int:
+    "How many of `split`'s first examples to answer (checked)."
+    if split.candidates is None: raise SpeederError('this split has no saved candidates; evaluate on valid or test')
+    if max_examples is not None and max_examples < 1:
+        raise SpeederError(f'max_examples must be at least 1, got {max_examples}')
+    return len(split) if max_examples is None else min(max_examples, len(split))
+
 def evaluate(model:SpeederRecommender, # the recommender
              split:Split, # a split with saved candidates (valid or test)
              mode:str=GENERATE, # 'generate' (ValidRatio, HR@1, VHR@1) or 'score' (HR@1, HR@5, NDCG@5)
@@ -113,10 +147,7 @@ def evaluate(model:SpeederRecommender, # the recommender
             )->dict:
     "Metrics of one answer mode on a split, with timing; under torchrun the examples are shared out and gathered."
     check_mode(mode)
-    if split.candidates is None: raise SpeederError('this split has no saved candidates; evaluate on valid or test')
-    if max_examples is not None and max_examples < 1:
-        raise SpeederError(f'max_examples must be at least 1, got {max_examples}')
-    n = len(split) if max_examples is None else min(max_examples, len(split))
+    n = _examples(split, max_examples)
     mine = np.array_split(np.arange(n), world_size())[rank()]   # one process: every example
     t0 = time.time()
     res = recommend(model, split.histories[mine], split.candidates[mine], mode, batch_size, active,
@@ -129,6 +160,60 @@ def evaluate(model:SpeederRecommender, # the recommender
     else:
         m = generation_metrics([x for p in parts for x in p['picks']], targets)
     return dict(m, mode=mode, seconds=secs, examples_per_s=n / secs if secs else None)
+
+# %% ../nbs/14_answer.ipynb #d4b1a005
+def recommend_both(model:SpeederRecommender, # the recommender (its prompt must have letters)
+                   histories, # (n, L) item ids, left-padded
+                   candidates, # (n, C) item ids
+                   batch_size:int|None=None, # examples per call (default the config's eval_batch_size)
+                   active=None, # modalities MRC uses
+                   progress_desc:str|None=None, # show a progress bar with this title (None: no bar)
+                  )->dict:
+    "`recommend` in both modes from one prefill per batch: scores, answers, picks and seconds, each mode's."
+    _check_scores(model)
+    histories, candidates = np.asarray(histories), np.asarray(candidates)
+    was = model.training
+    model.eval()
+    scores, answers, secs = [], [], dict(score=0.0, generate=0.0)
+    slices = _batches(len(histories), batch_size or model.cfg.eval_batch_size)
+    for sl in progress(slices, desc=progress_desc, disable=progress_desc is None):
+        t0 = time.time()
+        batch = model.prompt.batch(histories[sl], candidates[sl])
+        built = time.time() - t0
+        with autocast(model.device):
+            s, texts, pass_s = answer_both(model, batch, active)
+        secs['score'] += built + pass_s   # what score mode alone costs: the batch and the prompt pass
+        secs['generate'] += time.time() - t0
+        scores.append(s)
+        answers += texts
+    model.train(was)
+    scores = torch.cat(scores).numpy() if scores else None
+    picks = dict(score=[int(c[k]) for c, k in zip(candidates, scores.argmax(1).tolist())] if scores is not None else [],
+                 generate=[model.prompt.pick(t, c) for t, c in zip(answers, candidates)])
+    return dict(scores=scores, answers=answers, picks=picks, seconds=secs)
+
+# %% ../nbs/14_answer.ipynb #d4b1a006
+def evaluate_both(model:SpeederRecommender, # the recommender (its prompt must have letters)
+                  split:Split, # a split with saved candidates (valid or test)
+                  n:int|None=None, # first n examples (None: all)
+                  active=None, # modalities MRC uses
+                  batch_size:int|None=None, # examples per call
+                 )->dict:
+    "`evaluate` in score AND generate mode from one prefill per batch: dict(score=..., generate=..., picks=dict(score, generate))."
+    n = _examples(split, n)
+    mine = np.array_split(np.arange(n), world_size())[rank()]   # one process: every example
+    res = recommend_both(model, split.histories[mine], split.candidates[mine], batch_size, active,
+                         progress_desc='evaluate (score and generate)' if is_main() else None)
+    parts = gather_objects(res)
+    cands, targets = split.candidates[:n], split.targets[:n]
+    picks = {m: [x for p in parts for x in p['picks'][m]] for m in ANSWER_MODES}
+    secs = {m: max(p['seconds'][m] for p in parts) for m in ANSWER_MODES}   # the ranks answer side by side
+    rate = lambda m: n / secs[m] if secs[m] else None
+    all_scores = np.concatenate([p['scores'] for p in parts if p['scores'] is not None])
+    score = dict(scorer_metrics(all_scores, cands, targets), mode=SCORE)
+    gen = dict(generation_metrics(picks[GENERATE], targets), mode=GENERATE)
+    return dict(score=dict(score, seconds=secs[SCORE], examples_per_s=rate(SCORE)),
+                generate=dict(gen, seconds=secs[GENERATE], examples_per_s=rate(GENERATE)), picks=picks)
 
 # %% ../nbs/14_answer.ipynb #bc3dc979
 REORDERINGS = ('shuffle', 'reverse')   # how `reorder_histories` can reorder a history
@@ -153,11 +238,14 @@ def order_sensitivity(model:SpeederRecommender, # the recommender
                       orders:tuple=REORDERINGS, # reorderings to try
                       max_examples:int|None=200, # first n examples (None: all)
                       seed:int=0, # seed of the shuffles
+                      base_picks:list|None=None, # picks already made in `mode` for `split`'s first examples (None: answer)
                      )->dict:
     "How often the pick changes when the history is reordered, and HR@1 for each order."
     n = len(split) if max_examples is None else min(max_examples, len(split))
     h, c, t = split.histories[:n], split.candidates[:n], split.targets[:n]
-    base = recommend(model, h, c, mode)['picks']
+    if base_picks is not None and len(base_picks) < n:
+        raise SpeederError(f'order_sensitivity needs picks for {n} examples; {len(base_picks)} were given')
+    base = list(base_picks[:n]) if base_picks is not None else recommend(model, h, c, mode)['picks']
     hit = lambda picks: float(np.mean([p == y for p, y in zip(picks, t)]))
     res = dict(mode=mode, n=n, original_hr1=hit(base))
     for o in orders:

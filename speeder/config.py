@@ -34,13 +34,14 @@ TYPE_WORDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 
 AT_LEAST = dict(lora_r=1, d_model=1, n_blocks=1, n_heads=1, max_history=2, n_candidates=2, ppt_pairs=1, batch_size=1,
                 grad_accum=1, epochs=1, max_steps=1, train_examples=1, eval_examples=1, eval_batch_size=1,
                 max_new_tokens=1, checkpoint_every=1, valid_examples=0, warmup_steps=0, seed=0, curve_examples=1,
-                curve_points=1, order_examples=1, bench_steps=1, bench_warmup=0, bench_calls=1)
+                curve_points=1, order_examples=1, bench_steps=1, bench_warmup=0, bench_calls=1, calibration_steps=1,
+                history_examples=2)
 ABOVE_ZERO = ('lr', 'grad_clip', 'lora_alpha', 'item_lr', 'minutes', 'curve_every')   # numbers that must be > 0
 NOT_NEGATIVE = ('weight_decay', 'ppt_weight', 'listwise_weight', 'spread_weight', 'letter_weight')   # >= 0
 FRACTIONS = ('dropout', 'lora_dropout', 'drop_modality', 'listwise_layer', 'first_share', 'second_share',
-             'joint_share', 'hybrid_text_share')                                  # in [0, 1]
+             'joint_share', 'hybrid_text_share', 'warmup_share', 'min_lr_share')                                  # in [0, 1]
 CHOICES = dict(dtype=('auto', 'float32', 'bfloat16'), sequence_features=('sasrec', 'zeros'),
-               token_scale=('rms', 'none'), mpo=('auto', 'on', 'off'))
+               token_scale=('rms', 'none'), mpo=('auto', 'on', 'off'), keep=('best', 'last'))
 
 # %% ../nbs/00_config.ipynb #4cea5d42
 def _checked_value(name:str, hint, value):
@@ -112,12 +113,15 @@ class SpeederConfig:
     lr:float = 1e-3                  # peak learning rate of LoRA (AdamW)
     item_lr:float|None = None        # peak learning rate of MRC, PPL and the heads (None: lr)
     weight_decay:float = 0.01        # AdamW weight decay (matrices only)
-    warmup_steps:int = 10            # linear warm-up steps of each stage
+    warmup_share:float = 0.05        # share of the run's optimizer steps in linear warm-up (one warm-up per run)
+    warmup_steps:int|None = None     # fixed warm-up steps instead of `warmup_share` (None: the share)
+    min_lr_share:float = 0.1         # the cosine decays to this share of the peak rate at the run's last step
     batch_size:int = 8               # examples per micro-batch (per process under torchrun)
     grad_accum:int = 1               # micro-batches per optimizer step
     epochs:int = 1                   # passes over the training examples when max_steps is None
     max_steps:int|None = None        # optimizer steps of the run, all stages together (None: from epochs)
     minutes:float|None = None        # train this many minutes: steps follow from timing a few (overrides max_steps)
+    calibration_steps:int = 8        # timed steps that size a minute budget (after one untimed step)
     train_examples:int|None = 20000  # random subsample of the training examples (None: all)
     grad_clip:float = 1.0            # clip the gradient norm to this
     seed:int = 0                     # seed of the data order, the initialisation, dropout and PPT pairs
@@ -131,6 +135,8 @@ class SpeederConfig:
     curve_examples:int = 200         # valid users answered for each point of the curve
     curve_points:int|None = None     # with `minutes`: points of the curve after the start, evenly spread (None: `curve_every`)
     order_examples:int = 100         # test users answered as is, shuffled and reversed for a run's order plot
+    history_examples:int = 300       # test users of the history controls (own, another user's, a popular item's)
+    keep:str = 'best'                # weights kept at the end: 'best' point of the valid curve (valid only) or 'last'
     # the efficiency benchmark (`speeder bench`)
     bench_steps:int = 5              # optimizer steps measured per method, after the warm-up
     bench_warmup:int = 2             # warm-up steps and calls per method, not measured
@@ -202,8 +208,10 @@ def torch_dtype(self:SpeederConfig, device, # where the LLM runs
 PRESETS = dict(
     tiny=dict(llm=STAND_IN, sequence_features='zeros', lora_r=4, d_model=32, n_heads=2),   # tests and CI
     train=dict(max_steps=100),                                                          # a bare `speeder train`
-    demo=dict(minutes=8.0),                                                             # `speeder demo`, `speeder ablate`
+    demo=dict(minutes=8.0, curve_points=4),                                             # `speeder demo`, `speeder ablate`
     compare=dict(minutes=8.0, eval_examples=300, curve_examples=100, curve_points=4),   # `speeder compare`
+    # the paper's recipe (`--recipe paper`): no training aid beyond the paper; the LM loss on the answer and PPT stay
+    paper=dict(listwise_weight=0.0, spread_weight=0.0, letter_weight=0.0, token_scale='none', mpo='on'),
 )
 
 # %% ../nbs/00_config.ipynb #c40acd29

@@ -63,8 +63,8 @@ class SASRecConfig:
     lr:float=1e-3         # AdamW learning rate
     weight_decay:float=0.0 # AdamW weight decay
     batch_size:int=128    # training windows per step
-    max_epochs:int=50     # upper bound on epochs (early stopping usually ends training around 20-40)
-    patience:int=10       # stop after this many evaluations without a better valid NDCG@5
+    max_epochs:int=50     # upper bound on epochs (early stopping ends ML-100k's training at epoch 20)
+    patience:int=3        # stop after this many evaluations without a better valid NDCG@5 (best weights kept)
     eval_every:int=1      # epochs between evaluations on the valid candidates (cheap: one forward pass)
     seed:int=0            # seeds parameters, window offsets and batch order
     n_threads:int=1       # torch CPU threads while training (0: leave torch's setting); see the note below

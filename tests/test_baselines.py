@@ -129,8 +129,28 @@ def test_compare_keeps_finished_methods(tmp_path):
     llm = tiny.pop('llm')
     first = compare_main(DEFAULT_DATASET, llm, ('text-only',), tmp_path, sasrec=False, **tiny)
     (tmp_path/'compare.json').write_text(json.dumps(dict(json.loads((tmp_path/'compare.json').read_text()),
-                                                         rows=[dict(first['rows'][0], train_s=-1.0)])))   # mark the kept row
+                                                         runs=[dict(first['runs'][0], train_s=-1.0)])))   # mark the kept row
     again = compare_main(DEFAULT_DATASET, llm, ('text-only', SPEEDER), tmp_path, sasrec=False, **tiny)
     assert [r['method'] for r in again['rows']] == ['text-only', SPEEDER] and again['rows'][0]['train_s'] == -1.0   # not retrained
     with pytest.raises(SpeederError, match='other settings'):
         compare_main(DEFAULT_DATASET, llm, ('text-only',), tmp_path, sasrec=False, **dict(tiny, max_steps=3))
+
+def test_hybrid_warms_up_once_and_keeps_its_best_stage(monkeypatch):
+    "LLaRA's two stages read one schedule; the kept weights (best valid point, in the text stage here) bring their prompt."
+    import speeder.train as train
+    from speeder.train import ValidCurve, run_lr, trained_state
+    cfg = SpeederConfig.preset(STAND_IN, batch_size=4, warmup_share=0.25, hybrid_text_share=0.5)
+    model = baseline_model('hybrid', _Items, random_features(60), cfg, device='cpu')
+    forced = iter([0.1, 0.2, 0.5, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0])   # steps 0..8: the best is step 2, in the text-only stage
+    monkeypatch.setattr(train, 'evaluate', lambda *a, **k: dict(vhr1=next(forced), n=4))
+    copies = {}
+    curve = ValidCurve(model, toy_split(8), 4, every=0.0, on_best=lambda p: copies.update({p['step']: trained_state(model)}))
+    hist = train_baseline(model, toy_split(8), 8, curve=curve)
+    lrs = [r['lr'] for r in hist]
+    assert [r['stage'] for r in hist] == ['text-only'] * 4 + ['hybrid'] * 4
+    assert lrs == pytest.approx([run_lr(model.cfg, s, 8) for s in range(8)], abs=1e-15)
+    assert lrs[4] < lrs[3]   # the hybrid stage does not warm up again
+    assert curve.kept == dict(step=2, seconds=curve.points[2]['seconds'], hr1=0.5, rule='best', stage='text-only')
+    assert model.prompt is model.formats['text-only']   # the prompt the kept weights answered with
+    now = trained_state(model)
+    assert all(torch.equal(now[k][n], copies[2][k][n]) for k in now for n in now[k])

@@ -65,7 +65,7 @@ def test_screenshots(processed, tmp_path):
     from PIL import Image
     import numpy as np
     cd.render(results=processed)
-    for stem in ('index', '03_data', '24_explore'):
+    for stem in ('index', '03_data', '25_explore'):
         nb = next(p for p in NBS if p.stem == stem)
         if processed[nb]['error']: continue
         png = cd.screenshot(cd.PREVIEW/cd.page_name(nb), tmp_path/f'{stem}.png')

@@ -1,6 +1,6 @@
-"MPO stage plans: which stages a run gets, and the errors a bad order gives."
+"MPO stage plans (which stages a run gets, the errors a bad order gives) and the weights a staged run keeps."
 import pytest
-from speeder.config import JOINT, SpeederError
+from speeder.config import JOINT, SpeederConfig, SpeederError
 import speeder.mpo as mpo
 
 def test_stage_plans():
@@ -25,3 +25,23 @@ def test_stage_shares_come_from_the_config():
     assert [s.share for s in mpo.mpo_stages(cfg=cfg)[0]] == pytest.approx([0.5, 0.1, 0.4])
     assert [s.share for s in mpo.mpo_stages(has_images=False, mpo='on', cfg=cfg)[0]] == pytest.approx([5 / 9, 4 / 9])
     assert [s.share for s in mpo.mpo_stages()[0]] == pytest.approx([0.4, 0.2, 0.4])   # the defaults: today's shares
+
+def test_train_stages_keeps_the_best_point_and_says_so():
+    "With a curve, the state says which point's weights the model holds; `on_best` hears every new best; keep='last' keeps the last."
+    from speeder.config import STAND_IN
+    from speeder.backbone import load_backbone
+    from speeder.data import toy_split
+    from speeder.features import random_features
+    from speeder.model import SpeederRecommender
+    toy = toy_split(8)
+    for keep in ('best', 'last'):
+        cfg = SpeederConfig.preset(STAND_IN, batch_size=4, lr=5e-3, keep=keep)
+        m = SpeederRecommender(random_features(), cfg, load_backbone(STAND_IN), device='cpu')
+        stages, _ = mpo.mpo_stages(cfg.modalities, has_images=False, mpo='on', cfg=cfg)
+        heard = []
+        st = mpo.train_stages(m, toy, stages, 4, toy, curve_every=1e-9, curve_examples=8, on_best=heard.append)
+        last = [p for p in st['curve'] if p['stage'] == stages[-1].name]   # MPO keeps only a point of its last stage
+        best = max(reversed(last), key=lambda p: p['hr1'])   # the highest valid HR@1 there, the later on a tie
+        assert heard[-1] is best and all(p['stage'] == stages[-1].name for p in heard)
+        want = (best['step'], best['hr1'], 'best') if keep == 'best' else (4, st['curve'][-1]['hr1'], 'last')
+        assert (st['kept']['step'], st['kept']['hr1'], st['kept']['rule']) == want

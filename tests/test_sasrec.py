@@ -81,3 +81,19 @@ def test_shapes_and_causality():
     assert not attention_mask(h)[0, 3, :2].any()      # real items never attend to padding
     w = training_windows([[1, 2, 3], list(range(1, 30))], max_len=10, offset=4)
     assert w.shape[1] == 11 and (w[:, -1] != 0).all()
+
+def test_early_stop_keeps_the_best_epoch(toys, monkeypatch):
+    "Valid NDCG@5 forced to peak at epoch 2: training stops `patience` evaluations later, with epoch 2's weights."
+    import speeder.sasrec as sasrec
+    real, forced, seen = sasrec.evaluate_sasrec, iter([0.2, 0.5, 0.4, 0.5, 0.3, 0.9]), []
+    def stub(model, split):
+        if split is not toys.valid: return real(model, split)
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        v = next(forced)
+        return dict(hr1=v, hr5=v, ndcg5=v, n=len(split))
+    monkeypatch.setattr(sasrec, 'evaluate_sasrec', stub)
+    model, res = train_sasrec(toys, SASRecConfig(**dict(TINY, max_epochs=10)), progress_bar=False)
+    assert SASRecConfig().patience == 3
+    assert (res['best_epoch'], res['epochs'], len(seen)) == (2, 5, 5)   # epochs 3-5 do not beat epoch 2 (a tie is no gain)
+    same = lambda a: all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
+    assert same(seen[1]) and not same(seen[-1])   # the best epoch's weights, not the last ones

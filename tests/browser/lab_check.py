@@ -1,6 +1,6 @@
 """Open a notebook in JupyterLab with headless Chromium, run all its cells, use its explorer app, take screenshots.
 
-    python tests/browser/lab_check.py [--notebook nbs/24_explore.ipynb] [--out DIR] [--timeout 420]
+    python tests/browser/lab_check.py [--notebook nbs/25_explore.ipynb] [--out DIR] [--timeout 420]
 
 What a person would do, done by a script: start `jupyter lab --no-browser` on 127.0.0.1 with a random token (own
 settings and workspace folders, so nothing of yours is read or written), open the notebook's URL in headless
@@ -161,7 +161,7 @@ def app_cell_js(body:str)->str:
             f"c.model.sharedModel.getSource().split('\\n').some(l => l.startsWith('app = explore('))); "
             f"if (i < 0) return null; const out = cells[i].node.querySelector('.jp-Cell-outputArea'); {body} }})()")
 
-def check_lab(notebook:str='nbs/24_explore.ipynb', out:Path|None=None, timeout:float=420, size=(1400, 1900))->dict:
+def check_lab(notebook:str='nbs/25_explore.ipynb', out:Path|None=None, timeout:float=420, size=(1400, 1900))->dict:
     "Run the whole check; returns {'ok', 'problems', 'screenshots', 'seconds'}."
     exe = find_chromium()
     if exe is None: raise FileNotFoundError('no chromium binary on PATH (Debian: apt-get install -y chromium)')
@@ -282,7 +282,7 @@ def _stop(proc):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--notebook', default='nbs/24_explore.ipynb', help='notebook path relative to the repository')
+    ap.add_argument('--notebook', default='nbs/25_explore.ipynb', help='notebook path relative to the repository')
     ap.add_argument('--out', default=None, help='folder for the screenshots and the jupyter lab log (default: a temp folder)')
     ap.add_argument('--timeout', type=float, default=420, help='seconds allowed for running all cells')
     a = ap.parse_args(argv)

@@ -9,7 +9,7 @@ _spec.loader.exec_module(lab)
 
 @pytest.mark.skipif(lab.find_chromium() is None, reason='no chromium binary (Debian: apt-get install -y chromium)')
 def test_explore_notebook_in_jupyterlab(tmp_path):
-    res = lab.check_lab('nbs/24_explore.ipynb', tmp_path)
+    res = lab.check_lab('nbs/25_explore.ipynb', tmp_path)
     assert res['ok'], res['problems']
     from PIL import Image
     import numpy as np
