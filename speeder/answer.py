@@ -101,6 +101,13 @@ def answer_both(model:SpeederRecommender, # the recommender (its prompt must hav
 def _batches(n:int, size:int):
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
+def _answer_batches(model, histories, candidates, batch_size:int|None, progress_desc:str|None)->tuple:
+    "The examples as arrays and their batches (a progress bar when titled); the model goes into eval mode."
+    histories, candidates = np.asarray(histories), np.asarray(candidates)
+    model.eval()
+    slices = _batches(len(histories), batch_size or model.cfg.eval_batch_size)
+    return histories, candidates, progress(slices, desc=progress_desc, disable=progress_desc is None)
+
 def recommend(model:SpeederRecommender, # the recommender
               histories, # (n, L) item ids, left-padded
               candidates, # (n, C) item ids
@@ -111,12 +118,10 @@ def recommend(model:SpeederRecommender, # the recommender
              )->dict:
     "Answers for many examples: `picks` (item id or None), plus `scores` (score mode) or `answers` (generate mode)."
     check_mode(mode)
-    histories, candidates = np.asarray(histories), np.asarray(candidates)
     was = model.training
-    model.eval()
+    histories, candidates, slices = _answer_batches(model, histories, candidates, batch_size, progress_desc)
     picks, scores, answers = [], [], []
-    slices = _batches(len(histories), batch_size or model.cfg.eval_batch_size)
-    for sl in progress(slices, desc=progress_desc, disable=progress_desc is None):
+    for sl in slices:
         batch = model.prompt.batch(histories[sl], candidates[sl])
         with autocast(model.device):
             if mode == SCORE:
@@ -171,12 +176,10 @@ def recommend_both(model:SpeederRecommender, # the recommender (its prompt must 
                   )->dict:
     "`recommend` in both modes from one prefill per batch: scores, answers, picks and seconds, each mode's."
     _check_scores(model)
-    histories, candidates = np.asarray(histories), np.asarray(candidates)
     was = model.training
-    model.eval()
+    histories, candidates, slices = _answer_batches(model, histories, candidates, batch_size, progress_desc)
     scores, answers, secs = [], [], dict(score=0.0, generate=0.0)
-    slices = _batches(len(histories), batch_size or model.cfg.eval_batch_size)
-    for sl in progress(slices, desc=progress_desc, disable=progress_desc is None):
+    for sl in slices:
         t0 = time.time()
         batch = model.prompt.batch(histories[sl], candidates[sl])
         built = time.time() - t0
