@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import numpy as np
 import torch
-from .config import ANSWER_MODES, GENERATE, SCORE, SpeederError
+from .config import ANSWER_MODES, GENERATE, ITEM, SCORE, SpeederError
 from .assets import progress
 from .data import Split
 from .metrics import generation_metrics, scorer_metrics
@@ -41,14 +41,24 @@ def _check_scores(model:SpeederRecommender):
     if not model.prompt.can_score:
         raise SpeederError(f'{type(model.prompt).__name__} answers in free text; it has no score mode (use generate)')
 
+def _prompt_pass(model:SpeederRecommender, batch:dict, active, use_cache:bool=False):
+    "The forward pass over the prompts both modes start from (with the hidden states when the item head answers)."
+    return model.lm(model.embed(batch, active), batch, keep=1, use_cache=use_cache,
+                    output_hidden_states=model.cfg.answer == ITEM)
+
+def _choice_scores(model:SpeederRecommender, out, batch:dict, active)->torch.Tensor:
+    "`(B, C)` log-probabilities of the candidates from a prompt pass: the item head's (answer='item') or the letters'."
+    if model.cfg.answer != ITEM: return _letter_scores(model, out)
+    return model.item_scores(model.answer_hidden(out, batch), batch['candidates'], active).log_softmax(-1).cpu()
+
 @torch.no_grad()
 def score_candidates(model:SpeederRecommender, # the recommender
                      batch:dict, # a prompt batch without answers
                      active=None, # modalities MRC uses (default the config's)
                     )->torch.Tensor:
-    "Log-probability of each candidate's letter after the prompt: `(B, n_candidates)`."
+    "Log-probability of each candidate after the prompt, `(B, n_candidates)`: of its letter, or the item head's."
     _check_scores(model)
-    return _letter_scores(model, model.lm(model.embed(batch, active), batch, keep=1))
+    return _choice_scores(model, _prompt_pass(model, batch, active), batch, active)
 
 # %% ../nbs/14_answer.ipynb #9d631cbe
 def _decode(model:SpeederRecommender, out, batch:dict, n:int, stop_at_eos:bool=True)->list[str]:
@@ -71,6 +81,11 @@ def _decode(model:SpeederRecommender, out, batch:dict, n:int, stop_at_eos:bool=T
 def _answer_tokens(model:SpeederRecommender, max_new_tokens:int|None)->int:
     return max_new_tokens or model.prompt.max_answer_tokens or model.cfg.max_new_tokens
 
+def _generated(model:SpeederRecommender, out, batch:dict, active, n:int, stop_at_eos:bool=True)->list[str]:
+    "Generate mode's answers from a prompt pass: decoded tokens, or (answer='item') the item head's top candidate's letter."
+    if model.cfg.answer != ITEM: return _decode(model, out, batch, n, stop_at_eos)
+    return [model.prompt.labels[k] for k in _choice_scores(model, out, batch, active).argmax(1).tolist()]
+
 @torch.no_grad()
 def generate_answers(model:SpeederRecommender, # the recommender
                      batch:dict, # a prompt batch without answers
@@ -78,9 +93,9 @@ def generate_answers(model:SpeederRecommender, # the recommender
                      active=None, # modalities MRC uses
                      stop_at_eos:bool=True, # False: always decode `max_new_tokens` tokens (benchmarks)
                     )->list[str]:
-    "Greedy answers (KV cache, stops at the end token), decoded without special tokens."
-    out = model.lm(model.embed(batch, active), batch, keep=1, use_cache=True)
-    return _decode(model, out, batch, _answer_tokens(model, max_new_tokens), stop_at_eos)
+    "Greedy answers (KV cache, stops at the end token), decoded without special tokens; the item head writes its letter."
+    out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer != ITEM)
+    return _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens), stop_at_eos)
 
 # %% ../nbs/14_answer.ipynb #d4b1a002
 @torch.no_grad()
@@ -92,10 +107,10 @@ def answer_both(model:SpeederRecommender, # the recommender (its prompt must hav
     "Score and generate from ONE pass over the prompts: (letter log-probabilities `(B, C)`, answers, seconds of the pass)."
     _check_scores(model)
     t0 = time.time()
-    out = model.lm(model.embed(batch, active), batch, keep=1, use_cache=True)
-    scores = _letter_scores(model, out)   # on the CPU: the pass has finished
+    out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer != ITEM)
+    scores = _choice_scores(model, out, batch, active)   # on the CPU: the pass has finished
     pass_s = time.time() - t0
-    return scores, _decode(model, out, batch, _answer_tokens(model, max_new_tokens)), pass_s
+    return scores, _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens)), pass_s
 
 # %% ../nbs/14_answer.ipynb #531ed2c6
 def _batches(n:int, size:int):

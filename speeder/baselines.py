@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 import torch, torch.nn as nn
-from .config import SpeederConfig, SpeederError
+from .config import LETTER, SpeederConfig, SpeederError
 from .assets import log
 from .data import Split
 from .features import ItemFeatures
@@ -88,8 +88,9 @@ def item_token_modality(method:str, # one of `BASELINES`
 def baseline_config(cfg:SpeederConfig, # the shared settings
                    )->SpeederConfig:
     ("The config of a baseline: the same as `cfg` but without Speeder's own parts "
-     "(SPAE's PPL and PPT, the listwise and spread losses); the letter loss on the answer is shared by all.")
-    return replace(cfg, use_ppl=False, use_ppt=False, listwise_weight=0.0, spread_weight=0.0)
+     "(SPAE's PPL and PPT, the listwise and spread losses, the item head); the letter loss on the answer is shared by all.")
+    return replace(cfg, use_ppl=False, use_ppt=False, listwise_weight=0.0, spread_weight=0.0, answer=LETTER,
+                   dense_weight=0.0)
 
 def trained_groups(model:SpeederRecommender, # a `baseline_model`
                   )->tuple:

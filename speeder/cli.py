@@ -4,7 +4,7 @@
 
 # %% ../nbs/26_cli.ipynb #372c96ae
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, time, traceback
+import argparse, json, os, re, subprocess, sys, time, traceback
 from functools import cache
 from pathlib import Path
 from .config import (ANSWER_MODES, DEFAULT_DATASET, DEFAULT_LLM, GENERATE, PRESETS, SPEEDER, SpeederConfig,
@@ -14,10 +14,11 @@ from .data import prepare_dataset
 from .results import RECORDED_FIGURES, cmd_readme
 
 # %% auto #0
-__all__ = ['BUDGET_FLAGS', 'MODEL_FLAGS', 'CONFIG_FLAG_TYPES', 'RUN_CLI_TIMEOUT', 'cmd_data', 'cmd_assets', 'cmd_sasrec',
-           'parse_sets', 'config_overrides', 'cmd_train', 'cmd_demo', 'cmd_evaluate', 'cmd_recommend', 'cmd_ablate',
-           'cmd_compare', 'cmd_bench', 'field_help', 'HelpFormatter', 'UsageError', 'Parser', 'build_parser', 'emit',
-           'record_result', 'result_figures', 'record_figures', 'report_error', 'main', 'run_cli']
+__all__ = ['BUDGET_FLAGS', 'MODEL_FLAGS', 'CONFIG_FLAG_TYPES', 'RECORD_SUFFIX', 'RUN_CLI_TIMEOUT', 'cmd_data', 'cmd_assets',
+           'cmd_sasrec', 'parse_sets', 'config_overrides', 'cmd_train', 'cmd_demo', 'cmd_evaluate', 'cmd_recommend',
+           'cmd_ablate', 'cmd_compare', 'cmd_bench', 'field_help', 'HelpFormatter', 'UsageError', 'Parser',
+           'build_parser', 'emit', 'check_record_as', 'record_result', 'result_figures', 'record_figures',
+           'report_error', 'main', 'run_cli']
 
 # %% ../nbs/26_cli.ipynb #b293f325
 def cmd_data(args, # the parsed command line
@@ -218,6 +219,9 @@ def _common()->argparse.ArgumentParser:
     p.add_argument('--data-dir', default=None,
                    help='data folder (default: $SPEEDER_DATA, else <repo>/data, else ./data); runs go next to it')
     p.add_argument('--record', action='store_true', help='also save the result to nbs/results/ for the README table')
+    p.add_argument('--record-as', default=None, metavar='NAME',
+                   help='with --record: keep this record beside the default one, as <command>-<dataset>-<llm>-NAME '
+                        '(lower-case letters, digits and dashes; e.g. a lever screening next to a seed study)')
     return p
 
 # %% ../nbs/26_cli.ipynb #8aeaad8f
@@ -325,15 +329,29 @@ def emit(result:dict, # what the subcommand returned
             print(f'{k}: {v}')
 
 # %% ../nbs/26_cli.ipynb #a0ef87db
+RECORD_SUFFIX = re.compile(r'[a-z0-9]+(-[a-z0-9]+)*')   # what `--record-as` may add to a record's name
+
+def check_record_as(record_as:str|None, # the `--record-as` value (None: the default record)
+                    record:bool, # whether `--record` was given
+                   ):
+    "A `--record-as` that names a file inside nbs/results/ and comes with `--record`, else a `SpeederError`."
+    if record_as is None: return
+    if not record: raise SpeederError('--record-as needs --record')
+    if not RECORD_SUFFIX.fullmatch(record_as):
+        raise SpeederError(f'--record-as {record_as!r}: use lower-case letters, digits and single dashes, e.g. levers')
+
 def record_result(result:dict, # what the subcommand returned
                   command:str, # the subcommand's name
                   argv:list, # the command line, to record with the result
+                  record_as:str|None=None, # a suffix that keeps this record beside the default one (`--record-as`)
                  )->Path:
     "Save a result with the command that produced it to `nbs/results/`, where index.ipynb builds the README tables."
     root = project_root()
     if root is None:
         raise SpeederError('--record needs a speeder checkout (no settings.ini found above the working directory)')
-    name = '-'.join([command] + [str(result[k]) for k in ('dataset', 'llm') if result.get(k)])
+    check_record_as(record_as, True)
+    parts = [command] + [str(result[k]) for k in ('dataset', 'llm') if result.get(k)] + ([record_as] if record_as else [])
+    name = '-'.join(parts)
     out = root/'nbs'/'results'/f'{name}.json'
     cmd = 'speeder ' + ' '.join(a for a in argv if a not in ('--record',))
     figures = record_figures(result, root/'nbs'/RECORDED_FIGURES, name)
@@ -398,6 +416,7 @@ def main(argv:list|None=None, # the command line (default sys.argv[1:])
         sys.exit(2)
     start = time.time()
     try:
+        check_record_as(getattr(args, 'record_as', None), getattr(args, 'record', False))   # before any work
         result = args.func(args)
     except SpeederError as e:
         from speeder.dist import RankZeroError
@@ -417,7 +436,7 @@ def main(argv:list|None=None, # the command line (default sys.argv[1:])
         if rank > 0: return   # rank 0 alone records and prints the result
     result.setdefault('command_wall_s', round(time.time() - start, 2))
     if getattr(args, 'record', False):
-        record_result(result, args.command, argv)
+        record_result(result, args.command, argv, getattr(args, 'record_as', None))
     emit(result, args.json)
 
 # %% ../nbs/26_cli.ipynb #6e1ca4b9

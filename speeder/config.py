@@ -11,9 +11,9 @@ import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['MODALITIES', 'LABELS', 'SCORE', 'GENERATE', 'ANSWER_MODES', 'STAND_IN', 'DEFAULT_LLM', 'DEFAULT_DATASET', 'SPEEDER',
-           'JOINT', 'TYPE_WORDS', 'AT_LEAST', 'ABOVE_ZERO', 'NOT_NEGATIVE', 'FRACTIONS', 'CHOICES', 'PRESETS',
-           'SpeederError', 'SpeederConfig', 'preset_settings']
+__all__ = ['MODALITIES', 'LABELS', 'SCORE', 'GENERATE', 'ANSWER_MODES', 'LETTER', 'ITEM', 'ANSWER_HEADS', 'STAND_IN',
+           'DEFAULT_LLM', 'DEFAULT_DATASET', 'SPEEDER', 'JOINT', 'TYPE_WORDS', 'AT_LEAST', 'ABOVE_ZERO', 'NOT_NEGATIVE',
+           'FRACTIONS', 'CHOICES', 'PRESETS', 'SpeederError', 'SpeederConfig', 'preset_settings']
 
 # %% ../nbs/00_config.ipynb #60c0741f
 class SpeederError(Exception):
@@ -23,6 +23,8 @@ MODALITIES = ('text', 'vision', 'sequence')   # token order inside MoME; text is
 LABELS = 'BCDEFGHJKLMNOPQRSTUV'               # candidate labels: 20 one-token capital letters, no English words (A, I)
 SCORE, GENERATE = 'score', 'generate'         # the two answer modes
 ANSWER_MODES = (SCORE, GENERATE)
+LETTER, ITEM = 'letter', 'item'               # answer heads: the LLM names a letter (the paper), or an item head picks
+ANSWER_HEADS = (LETTER, ITEM)
 STAND_IN = 'tiny'                             # the random test stand-in backbone (never a result)
 DEFAULT_LLM = 'smollm2'                       # the packaged default backbone, SmolLM2-135M-Instruct
 DEFAULT_DATASET = 'ml-100k'                   # the packaged default dataset, MovieLens-100k
@@ -37,11 +39,12 @@ AT_LEAST = dict(lora_r=1, d_model=1, n_blocks=1, n_heads=1, max_history=2, n_can
                 curve_points=1, order_examples=1, bench_steps=1, bench_warmup=0, bench_calls=1, calibration_steps=1,
                 history_examples=2)
 ABOVE_ZERO = ('lr', 'grad_clip', 'lora_alpha', 'item_lr', 'minutes', 'curve_every')   # numbers that must be > 0
-NOT_NEGATIVE = ('weight_decay', 'ppt_weight', 'listwise_weight', 'spread_weight', 'letter_weight')   # >= 0
+NOT_NEGATIVE = ('weight_decay', 'ppt_weight', 'listwise_weight', 'spread_weight', 'letter_weight', 'item_weight',
+                'dense_weight')   # >= 0
 FRACTIONS = ('dropout', 'lora_dropout', 'drop_modality', 'listwise_layer', 'first_share', 'second_share',
              'joint_share', 'hybrid_text_share', 'warmup_share', 'min_lr_share')                                  # in [0, 1]
 CHOICES = dict(dtype=('auto', 'float32', 'bfloat16'), sequence_features=('sasrec', 'zeros'),
-               token_scale=('rms', 'none'), mpo=('auto', 'on', 'off'), keep=('best', 'last'))
+               token_scale=('rms', 'none'), mpo=('auto', 'on', 'off'), keep=('best', 'last'), answer=ANSWER_HEADS)
 
 # %% ../nbs/00_config.ipynb #4cea5d42
 def _checked_value(name:str, hint, value):
@@ -102,6 +105,9 @@ class SpeederConfig:
     spread_weight:float = 1.0        # weight of the spread loss that keeps the batch's item tokens apart (0: off)
     letter_weight:float = 1.0        # weight of the cross-entropy over the 20 letters at the answer position (0: off)
     listwise_layer:float = 0.5       # the hidden state the listwise head reads, as a fraction of the LLM's depth
+    answer:str = LETTER              # 'letter': the LLM names a candidate's letter (the paper); 'item': an item head matches the answer position's hidden state with the candidates' item tokens (beyond the paper)
+    item_weight:float = 1.0          # weight of the item head's cross-entropy over the candidates (with answer='item')
+    dense_weight:float = 0.0         # weight of a next-item loss at every history position, through the item head over all items (0: off)
     # MPO
     mpo:str = 'auto'                 # the curriculum: 'on', 'off' (one joint stage), 'auto' (on when items have images)
     mpo_order:tuple = MODALITIES     # order in which modalities are introduced
@@ -180,6 +186,8 @@ def _check_choices(self:SpeederConfig):
     if len(self.labels) < self.n_candidates:
         raise SpeederError(f'{self.n_candidates} candidates need as many labels; got {self.labels!r}')
     if not self.lora_targets: raise SpeederError('lora_targets must name at least one linear layer')
+    if self.answer == ITEM and self.item_weight == 0 and self.dense_weight == 0:
+        raise SpeederError("answer='item' needs item_weight or dense_weight above 0 (the item head would never train)")
 
 # %% ../nbs/00_config.ipynb #0fd5f0d0
 @patch
@@ -208,10 +216,11 @@ def torch_dtype(self:SpeederConfig, device, # where the LLM runs
 PRESETS = dict(
     tiny=dict(llm=STAND_IN, sequence_features='zeros', lora_r=4, d_model=32, n_heads=2),   # tests and CI
     train=dict(max_steps=100),                                                          # a bare `speeder train`
-    demo=dict(minutes=8.0, curve_points=4),                                             # `speeder demo`, `speeder ablate`
+    demo=dict(minutes=7.5, curve_points=4, curve_examples=100, checkpoint_every=100),   # `speeder demo`, `speeder ablate`
     compare=dict(minutes=8.0, eval_examples=300, curve_examples=100, curve_points=4),   # `speeder compare`
     # the paper's recipe (`--recipe paper`): no training aid beyond the paper; the LM loss on the answer and PPT stay
-    paper=dict(listwise_weight=0.0, spread_weight=0.0, letter_weight=0.0, token_scale='none', mpo='on'),
+    paper=dict(listwise_weight=0.0, spread_weight=0.0, letter_weight=0.0, token_scale='none', mpo='on',
+               answer=LETTER, dense_weight=0.0),
 )
 
 # %% ../nbs/00_config.ipynb #c40acd29

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from .config import (DEFAULT_DATASET, DEFAULT_LLM, GENERATE, PRESETS, SCORE, SPEEDER, SpeederConfig, SpeederError,
-                            preset_settings)
+from .config import (DEFAULT_DATASET, DEFAULT_LLM, GENERATE, ITEM, PRESETS, SCORE, SPEEDER, SpeederConfig,
+                            SpeederError, preset_settings)
 from .assets import atomic_write, first_line, log, progress
 from .data import Split, item_text, load_dataset
 from .dist import init_distributed, is_main, log_main, on_main, world_size
@@ -220,6 +220,7 @@ def _train(build, cfg, ds, state, root, device, json_progress, stop_after, sasre
 def _run_result(model, ds, cfg, final, st, n_examples, sas, root, feats)->tuple:
     both = evaluate_both(model, ds.test, cfg.eval_examples)
     gen, sc, main = both['generate'], both['score'], is_main()
+    controls = min(cfg.history_examples, gen['n'])
     result = dict(dataset=cfg.dataset, llm=cfg.llm, backbone_is_stand_in=model.is_stand_in, run_dir=str(final),
                   seed=cfg.seed, hr1=gen['hr1'], valid_ratio=gen['valid_ratio'], vhr1=gen['vhr1'],
                   score_hr1=sc['hr1'], score_hr5=sc['hr5'], score_ndcg5=sc['ndcg5'], n_test=gen['n'],
@@ -231,8 +232,8 @@ def _run_result(model, ds, cfg, final, st, n_examples, sas, root, feats)->tuple:
                   trained_s=st['history'][-1]['seconds'], curve=st['curve'], train_curve=history_summary(st['history']),
                   kept=st.get('kept'), resumed_at=st['resumed_at'], steps_run=st['steps_run'],
                   test_references=reference_lines(ds, ds.test, gen['n'], root, feats) if main else None,
-                  history_controls=history_controls(model, ds, ds.test, min(cfg.history_examples, gen['n']))
-                  if main and gen['n'] > 1 else None)
+                  history_controls=history_controls(model, ds, ds.test, controls, own_picks=both['picks']['score'])
+                  if main and controls > 1 else None)
     if st['curve'] and main:   # the reference lines on the curve's valid users
         refs = reference_lines(ds, ds.valid, st['curve'][0]['n'], root, feats)
         result['valid_references'] = {k: v for k, v in refs.items() if k != 'n'}
@@ -342,7 +343,8 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'item-lr-3e-3': dict(item_lr=3e-3),
              'text+sequence': dict(modalities=('text', 'sequence')),
              'sequence-first': dict(mpo='on', mpo_order=('sequence', 'text', 'vision')),
-             'drop-modality-0.5': dict(drop_modality=0.5)}
+             'drop-modality-0.5': dict(drop_modality=0.5),
+             'item': dict(answer=ITEM), 'item-dense': dict(answer=ITEM, dense_weight=1.0), 'dense': dict(dense_weight=1.0)}
 STUDY = (SPEEDER, 'paper', 'no-listwise')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1

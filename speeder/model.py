@@ -8,7 +8,7 @@ import inspect, math
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
-from .config import MODALITIES, STAND_IN, SpeederConfig, SpeederError
+from .config import ITEM, MODALITIES, STAND_IN, SpeederConfig, SpeederError
 from .assets import first_line
 from .features import ItemFeatures
 from .mrc import MRC
@@ -17,9 +17,10 @@ from .backbone import add_lora, load_backbone
 from .prompt import SpeederPrompt
 
 # %% auto #0
-__all__ = ['LOSS_KEYS', 'PARAM_GROUPS', 'TRAINED_MODULES', 'scale_to_rms', 'spread_loss', 'gather_positions', 'ListwiseHead',
-           'choice_loss', 'default_device', 'recommender_backbone', 'SpeederRecommender', 'load_recommender',
-           'group_parameters', 'set_trainable', 'save_weights', 'load_weights']
+__all__ = ['LOSS_KEYS', 'PARAM_GROUPS', 'TRAINED_MODULES', 'LATER_MODULES', 'scale_to_rms', 'spread_loss', 'gather_positions',
+           'ListwiseHead', 'choice_loss', 'ItemHead', 'next_item_targets', 'default_device', 'recommender_backbone',
+           'SpeederRecommender', 'load_recommender', 'group_parameters', 'set_trainable', 'save_weights',
+           'loaded_modules', 'load_weights']
 
 # %% ../nbs/13_model.ipynb #8f3deaf5
 def scale_to_rms(x:torch.Tensor, # (..., hidden) vectors
@@ -59,6 +60,29 @@ def choice_loss(scores:torch.Tensor, # (B, C) one score (or logit) per candidate
     "(cross-entropy of the target among the candidates, how often it is scored first): the listwise and letter losses."
     return F.cross_entropy(scores, target), (scores.argmax(1) == target).float().mean()
 
+# %% ../nbs/13_model.ipynb #1f3f9d04
+class ItemHead(nn.Module):
+    "Scores items from hidden states: a query (LayerNorm, linear map) dotted with each item's token at unit RMS, over √hidden."
+    def __init__(self, hidden:int, # the LLM's hidden size
+                ):
+        super().__init__()
+        self.norm, self.query = nn.LayerNorm(hidden), nn.Linear(hidden, hidden)
+
+    def forward(self, hidden_states:torch.Tensor, # (B, K, hidden) the hidden states that ask
+                tokens:torch.Tensor, # (B, N, hidden) each row's items, or (N, hidden) items every row shares
+               )->torch.Tensor:
+        "(B, K, N): the score of each item for each hidden state."
+        query = self.query(self.norm(hidden_states.float()))
+        keys = scale_to_rms(tokens.float(), 1.0)
+        return query @ keys.transpose(-1, -2) / math.sqrt(query.shape[-1])
+
+def next_item_targets(histories:torch.Tensor, # (B, L) item ids, left-padded with 0
+                      targets:torch.Tensor, # (B,) the item id that follows each history
+                     )->torch.Tensor:
+    "(B, L): the item after each history slot (the next slot's; the target after the last); 0 on empty slots."
+    following = torch.cat([histories[:, 1:], targets[:, None]], 1)
+    return following.masked_fill(histories == 0, 0)
+
 # %% ../nbs/13_model.ipynb #0f5f3ab7
 def default_device(device=None, # a device or its name (None: cuda when available, else cpu)
                   )->torch.device:
@@ -93,6 +117,9 @@ class SpeederRecommender(nn.Module):
         self.ppt_head = PositionProxyHead(self.hidden, cfg.max_history)
         self.listwise_head = ListwiseHead(self.hidden)
         self.listwise_index = round(cfg.listwise_layer * llm.config.num_hidden_layers)   # 0: embeddings, L: last block
+        with torch.random.fork_rng(devices=[]):   # its own seed: the head leaves every other draw of a run as it was
+            torch.manual_seed(cfg.seed + 11)
+            self.item_head = ItemHead(self.hidden)
         self.register_buffer('word_rms', llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt(),
                              persistent=False)
         self.llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
@@ -202,7 +229,7 @@ def lm(self:SpeederRecommender, E:torch.Tensor, # inputs_embeds (B, T, hidden)
 
 # %% ../nbs/13_model.ipynb #4b9cb4c4
 LOSS_KEYS = ('loss', 'lm_loss', 'letter_loss', 'letter_acc', 'ppt_loss', 'ppt_acc', 'listwise_loss', 'listwise_acc',
-             'spread_loss')   # what forward returns
+             'spread_loss', 'item_loss', 'item_acc', 'dense_loss', 'dense_acc')   # what forward returns
 
 @patch
 def letter_terms(self:SpeederRecommender, out, # the LLM's output; its first kept logits are the answer position's
@@ -228,6 +255,38 @@ def ppt_terms(self:SpeederRecommender, out, # the LLM's output, with hidden stat
     ppt_acc = 0.0 if math.isnan(ppt_acc) else ppt_acc   # nan: no history in the batch had two items
     return dict(ppt_loss=ppt_loss, ppt_acc=torch.tensor(ppt_acc))
 
+# %% ../nbs/13_model.ipynb #aa587edc
+@patch
+def answer_hidden(self:SpeederRecommender, out, # the LLM's output, with hidden states
+                  batch:dict, # the batch (its answer is the last `n_answer` positions; none when answering)
+                 )->torch.Tensor:
+    "(B, hidden): the last layer's hidden state at the answer position (the prompt's last token)."
+    return out.hidden_states[-1][:, -(batch['n_answer'] + 1)]
+
+@patch
+def item_scores(self:SpeederRecommender, hidden:torch.Tensor, # (B, hidden) hidden states at the answer position
+                candidates:torch.Tensor, # (B, C) candidate item ids
+                active:tuple|None=None, # modalities MRC uses
+               )->torch.Tensor:
+    "(B, C): the item head's score of each candidate (its item token against the hidden state)."
+    return self.item_head(hidden[:, None], self.item_tokens(candidates, active))[:, 0]
+
+@patch
+def dense_terms(self:SpeederRecommender, out, # the LLM's output, with hidden states
+                batch:dict, # a training batch (with targets)
+                active:tuple|None=None, # modalities MRC uses
+               )->dict:
+    "The next-item loss and accuracy at every history position, through the item head over the whole catalogue."
+    dev = self.device
+    candidates, target = batch['candidates'].to(dev), batch['target'].to(dev)
+    following = next_item_targets(batch['history'].to(dev), candidates.gather(1, target[:, None])[:, 0])
+    hidden = gather_positions(out.hidden_states[-1], batch['hist_pos'].to(dev).clamp_min(0))
+    catalogue = self.item_tokens(torch.arange(1, len(self.text_table), device=dev), active)
+    on = following > 0
+    scores = self.item_head(hidden, catalogue)[on]
+    loss, acc = choice_loss(scores, following[on] - 1)   # item id i is row i - 1 of the catalogue
+    return dict(dense_loss=loss, dense_acc=acc)
+
 # %% ../nbs/13_model.ipynb #0028bf89
 @patch
 def forward(self:SpeederRecommender, batch:dict, # `SpeederPrompt.batch(..., targets=...)`
@@ -238,12 +297,16 @@ def forward(self:SpeederRecommender, batch:dict, # `SpeederPrompt.batch(..., tar
     A, cfg = batch['n_answer'], self.cfg
     if not A: raise SpeederError('forward needs a batch built with targets (the answer is what the LM loss is on)')
     listwise = cfg.listwise_weight > 0 and bool((batch['label_pos'] >= 0).all())   # text prompts have no letters
-    out = self.lm(self.embed(batch, active), batch, keep=A + 1, output_hidden_states=cfg.use_ppt or listwise)
+    has_items = bool((batch['cand_pos'] >= 0).all())   # text prompts have no item tokens to match
+    item = has_items and cfg.answer == ITEM and cfg.item_weight > 0
+    dense = has_items and cfg.dense_weight > 0
+    out = self.lm(self.embed(batch, active), batch, keep=A + 1,
+                  output_hidden_states=cfg.use_ppt or listwise or item or dense)
     answer, on = batch['input_ids'][:, -A:].to(self.device), batch['answer_mask'].to(self.device)
     lm_loss = F.cross_entropy(out.logits[:, :A][on].float(), answer[on])   # answers may differ in length: masked
     zero = lm_loss.new_zeros(())
-    res = dict(lm_loss=lm_loss, ppt_loss=zero, ppt_acc=zero, listwise_loss=zero, listwise_acc=zero,
-               spread_loss=zero, **self.letter_terms(out, batch))
+    res = dict(lm_loss=lm_loss, ppt_loss=zero, ppt_acc=zero, listwise_loss=zero, listwise_acc=zero, spread_loss=zero,
+               item_loss=zero, item_acc=zero, dense_loss=zero, dense_acc=zero, **self.letter_terms(out, batch))
     loss = lm_loss + cfg.letter_weight * res['letter_loss']
     if cfg.spread_weight > 0 and (batch['cand_pos'] >= 0).any():   # text prompts have no item tokens to keep apart
         ids = torch.cat([batch['history'], batch['candidates']], 1).to(self.device).unique()
@@ -256,10 +319,17 @@ def forward(self:SpeederRecommender, batch:dict, # `SpeederPrompt.batch(..., tar
         scores = self.listwise_head(out.hidden_states[self.listwise_index], batch['label_pos'].to(self.device))
         res['listwise_loss'], res['listwise_acc'] = choice_loss(scores, batch['target'].to(self.device))
         loss = loss + cfg.listwise_weight * res['listwise_loss']
+    if item:
+        scores = self.item_scores(self.answer_hidden(out, batch), batch['candidates'], active)
+        res['item_loss'], res['item_acc'] = choice_loss(scores, batch['target'].to(self.device))
+        loss = loss + cfg.item_weight * res['item_loss']
+    if dense:
+        res.update(self.dense_terms(out, batch, active))
+        loss = loss + cfg.dense_weight * res['dense_loss']
     return dict(res, loss=loss)
 
 # %% ../nbs/13_model.ipynb #a91729f6
-PARAM_GROUPS = ('text', 'vision', 'sequence', 'shared', 'ppl', 'ppt', 'listwise', 'lora')   # named trainable parts
+PARAM_GROUPS = ('text', 'vision', 'sequence', 'shared', 'ppl', 'ppt', 'listwise', 'item', 'lora')   # named trainable parts
 
 def group_parameters(model:SpeederRecommender, # the model
                      group:str, # one of `PARAM_GROUPS`
@@ -270,6 +340,7 @@ def group_parameters(model:SpeederRecommender, # the model
     if group == 'ppl': return list(model.ppl.parameters())
     if group == 'ppt': return list(model.ppt_head.parameters())
     if group == 'listwise': return list(model.listwise_head.parameters())
+    if group == 'item': return list(model.item_head.parameters())
     if group == 'lora': return [p for n, p in model.llm.named_parameters() if 'lora_' in n]
     raise SpeederError(f'unknown parameter group {group!r}; known: {", ".join(PARAM_GROUPS)}')
 
@@ -285,7 +356,8 @@ def set_trainable(model:SpeederRecommender, # the model
     return params
 
 # %% ../nbs/13_model.ipynb #5f804edc
-TRAINED_MODULES = ('mrc', 'ppl', 'ppt_head', 'listwise_head')   # the model's own trainable modules (peft saves LoRA)
+TRAINED_MODULES = ('mrc', 'ppl', 'ppt_head', 'listwise_head', 'item_head')   # the model's own trainable modules (peft saves LoRA)
+LATER_MODULES = ('item_head',)   # modules runs saved before they existed lack; loaded when present
 
 def save_weights(model:SpeederRecommender, # the recommender
                  folder:str|Path, # where to write `lora/` and `modules.pt`
@@ -296,6 +368,13 @@ def save_weights(model:SpeederRecommender, # the recommender
     torch.save({k: getattr(model, k).state_dict() for k in TRAINED_MODULES}, folder/'modules.pt')
 
 # %% ../nbs/13_model.ipynb #6e01419f
+def loaded_modules(cfg:SpeederConfig, # the model's config
+                   saved, # the names of the modules a saved state holds
+                  )->list:
+    "The `TRAINED_MODULES` to load: all, but a later module only when saved or when the config uses it (then it must be)."
+    uses = cfg.answer == ITEM or cfg.dense_weight > 0   # only the item head is later so far
+    return [k for k in TRAINED_MODULES if k in saved or k not in LATER_MODULES or uses]
+
 def load_weights(model:SpeederRecommender, # a model built with the same config
                  folder:str|Path, # a folder `save_weights` wrote
                 ):
@@ -314,7 +393,7 @@ def load_weights(model:SpeederRecommender, # a model built with the same config
                            f'but {model.cfg.llm!r} has {model.hidden}; use the backbone the run was made with')
     try:
         set_peft_model_state_dict(model.llm, load_peft_weights(str(folder/'lora'), device=str(model.device)))
-        for k in TRAINED_MODULES:
+        for k in loaded_modules(model.cfg, modules):
             getattr(model, k).load_state_dict(modules[k])
     except (RuntimeError, KeyError) as e:
         raise SpeederError(f'the weights in {folder} do not fit this model: {first_line(e)}') from None

@@ -51,7 +51,7 @@ def mpo_stages(modalities:tuple=MODALITIES, # modalities the run uses
             "(a text-only first stage learns nothing here; mpo=on forces it)"]
     seq = [m for m in order if m in usable]
     with_text = lambda *ms: tuple(m for m in MODALITIES if m in ('text',) + ms)
-    base = ('shared', 'ppl', 'ppt', 'listwise', 'lora')
+    base = ('shared', 'ppl', 'ppt', 'listwise', 'item', 'lora')
     stages = [MPOStage(seq[0], with_text(seq[0]), (seq[0],) + base, cfg.first_share)]
     if len(seq) == 3:
         stages.append(MPOStage(seq[1], with_text(seq[0], seq[1]), (seq[1],), cfg.second_share))

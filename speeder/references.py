@@ -4,6 +4,7 @@
 
 # %% ../nbs/15_references.ipynb #eb95293e
 from __future__ import annotations
+import math
 from pathlib import Path
 import numpy as np
 import torch
@@ -157,9 +158,11 @@ def popular_item_histories(ds:Dataset, # the dataset (training counts)
 def margin_lost(own:float, # HR@1 with the user's own history
                 other:float, # HR@1 with another user's history
                 popularity:float, # HR@1 of popularity on the same users
+                n:int|None=None, # users the HR@1s are measured on (None: no noise floor)
                )->float|None:
-    "`(own - other) / (own - popularity)`: the share of the margin over popularity lost; None when own <= popularity."
-    if own <= popularity: return None
+    "`(own - other) / (own - popularity)`: the share of the margin over popularity lost; None without a margin above noise."
+    noise = math.sqrt(own * (1 - own) / n) if n else 0.0   # one binomial standard error of own's HR@1
+    if own - popularity <= noise: return None
     return (own - other) / (own - popularity)
 
 def history_controls(model:SpeederRecommender, # the recommender (answers in score mode)
@@ -168,19 +171,24 @@ def history_controls(model:SpeederRecommender, # the recommender (answers in sco
                      n:int|None=None, # first n examples (None: `model.cfg.history_examples`)
                      seed:int=0, # seed of the derangement
                      popularity:float|None=None, # popularity's HR@1 on the same users, when known (None: computed)
+                     own_picks=None, # score-mode picks with the own histories, when known (e.g. the test pass's; None: answered)
                     )->dict:
     "Score-mode HR@1 with the own history, another user's and a repeated popular item; changed picks; margin lost."
     sub = first_examples(split, model.cfg.history_examples if n is None else n)
     if len(sub) < 2: raise SpeederError(f'history controls need at least 2 users (one to swap with), got {len(sub)}')
-    hists = dict(own=sub.histories, other=sub.histories[derangement(len(sub), seed)],
+    hists = dict(other=sub.histories[derangement(len(sub), seed)],
                  popular_item=popular_item_histories(ds, sub.histories, sub.candidates))
+    if own_picks is None:
+        hists = dict(own=sub.histories, **hists)
     picks = {k: np.array(recommend(model, h, sub.candidates, SCORE)['picks']) for k, h in hists.items()}
+    if own_picks is not None:
+        picks['own'] = np.asarray(own_picks)[:len(sub)]
     hr1 = {k: float(np.mean(p == sub.targets)) for k, p in picks.items()}
     if popularity is None:
         popularity = scorer_metrics(popularity_scores(ds, sub), sub.candidates, sub.targets)['hr1']
     changed = lambda k: float(np.mean(picks[k] != picks['own']))
     return dict(n=len(sub), **hr1, changed_other=changed('other'), changed_popular=changed('popular_item'),
-                popularity=popularity, margin_lost=margin_lost(hr1['own'], hr1['other'], popularity))
+                popularity=popularity, margin_lost=margin_lost(hr1['own'], hr1['other'], popularity, len(sub)))
 
 # %% ../nbs/15_references.ipynb #d94d5b71
 def plot_history_controls(controls:dict, # what `history_controls` returns

@@ -13,7 +13,7 @@ from .assets import project_root
 
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'RECORDED_FIGURES', 'table_cell', 'markdown_table', 'mean_sd', 'seed_row', 'spread_cell',
-           'spread_table', 'reference_rows', 'controls_markdown', 'load_results', 'recorded_markdown',
+           'spread_table', 'reference_rows', 'controls_markdown', 'load_results', 'chosen_record', 'recorded_markdown',
            'recorded_figures', 'results_markdown', 'render_readme', 'readme_links', 'cmd_readme']
 
 # %% ../nbs/18_results.ipynb #d8c3b852
@@ -108,29 +108,40 @@ RECORDED_FIGURES = 'results/figures'   # under nbs/: the figures of recorded res
 def load_results(results_dir:Path|None=None, # default nbs/results/
                  subcommands:tuple|None=None, # only results of these subcommands (e.g. ('bench',)); None: all
                 )->list[dict]:
-    "The recorded results (`nbs/results/*.json`), sorted by file name."
+    "The recorded results (`nbs/results/*.json`), sorted by file name; each knows its file's name as `record`."
     root = project_root()
     d = Path(results_dir or (root/'nbs'/'results' if root else 'results'))
-    recs = [json.loads(f.read_text()) for f in sorted(d.glob('*.json'))] if d.exists() else []
+    recs = [dict(json.loads(f.read_text()), record=f.stem) for f in sorted(d.glob('*.json'))] if d.exists() else []
     return [r for r in recs if subcommands is None or r['command'].split()[1] in subcommands]
+
+def chosen_record(subcommand:str, # e.g. 'ablate'
+                  record:str|None=None, # a record's file name without `.json` (None: the subcommand's default record)
+                  recs:list|None=None, # records to choose from (default `load_results`)
+                 )->dict|None:
+    "One recorded result of `speeder <subcommand>`: the named one, or the default (no `--record-as`), else the last."
+    recs = [r for r in (load_results() if recs is None else recs) if r['command'].split()[1] == subcommand]
+    if record is not None: return next((r for r in recs if r['record'] == record), None)
+    default = [r for r in recs if '--record-as' not in r['command'].split()]
+    return (default or recs or [None])[-1]
 
 def recorded_markdown(subcommand:str, # e.g. 'compare' or 'bench'
                       to_markdown, # result dict -> markdown, e.g. `compare_markdown`
+                      record:str|None=None, # which record (`chosen_record`; None: the default one)
                      )->str:
-    ("The latest recorded result of `speeder <subcommand>` as markdown (`to_markdown(result)`), "
+    ("A recorded result of `speeder <subcommand>` as markdown (`to_markdown(result)`), "
      "with the command that made it.")
-    recs = load_results(subcommands=(subcommand,))
-    if not recs: return f'_No recorded `speeder {subcommand}` yet: run it with `--record`._'
-    r = recs[-1]
+    r = chosen_record(subcommand, record)
+    if r is None: return f'_No recorded `speeder {subcommand}` yet: run it with `--record`._'
     return to_markdown(r['result']) + f"\n\nMeasured by `{r['command']}` on {r['date']}."
 
 def recorded_figures(subcommand:str, # e.g. 'compare' or 'demo'
                      names:tuple, # which of its figures, in this order (e.g. ('curve', 'tokens'))
+                     record:str|None=None, # which record (`chosen_record`; None: the default one)
                     )->str:
-    "Markdown images of the latest recorded result's figures (paths relative to `nbs/`), or a note that there are none."
-    recs = [r for r in load_results(subcommands=(subcommand,)) if r.get('figures')]
-    if not recs: return f'_No recorded figures of `speeder {subcommand}` yet: run it with `--record`._'
-    figs = recs[-1]['figures']
+    "Markdown images of a recorded result's figures (paths relative to `nbs/`), or a note that there are none."
+    r = chosen_record(subcommand, record)
+    if r is None or not r.get('figures'): return f'_No recorded figures of `speeder {subcommand}` yet: run it with `--record`._'
+    figs = r['figures']
     return '\n'.join(f'![{subcommand}: {k}]({figs[k]})' for k in names if k in figs)
 
 # %% ../nbs/18_results.ipynb #53459559

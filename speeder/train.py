@@ -14,7 +14,7 @@ from .assets import log, progress
 from .data import Split, sample_candidates
 from .dist import (ddp, grad_sync, mean_over_ranks, rank, rank_seed, rank_slice, restore_rng_state,
                           rng_state, world_size)
-from .model import LOSS_KEYS, TRAINED_MODULES, SpeederRecommender, group_parameters
+from .model import LOSS_KEYS, TRAINED_MODULES, SpeederRecommender, group_parameters, loaded_modules
 from .answer import autocast, evaluate
 
 # %% auto #0
@@ -164,7 +164,7 @@ def fit(model:SpeederRecommender, # the recommender
     return history
 
 # %% ../nbs/16_train.ipynb #13ffcfd9
-SUMMARY_KEYS = ('lm_loss', 'letter_acc', 'listwise_acc', 'ppt_acc', 'seconds')   # what `history_summary` keeps
+SUMMARY_KEYS = ('lm_loss', 'letter_acc', 'listwise_acc', 'item_acc', 'dense_acc', 'ppt_acc', 'seconds')   # what `history_summary` keeps
 
 def history_summary(history:list, # `fit`'s per-step records
                     n_points:int=60, # windows to average over
@@ -187,6 +187,9 @@ def plot_choice_learning(history:list, # per-step records or `history_summary` (
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(steps, [r['listwise_acc'] for r in h], color='C2', label='listwise head: target scored first')
     ax.plot(steps, [r['letter_acc'] for r in h], color='C0', label="answer: target's letter first")
+    for key, color, label in (('item_acc', 'C1', 'item head: target first'), ('dense_acc', 'C4', 'next item, catalogue')):
+        if any(r.get(key) for r in h):   # the item head's terms, where the run trained them
+            ax.plot(steps, [r.get(key, 0.0) for r in h], color=color, label=label)
     ax.axhline(1 / 20, ls=':', color='gray', label='chance (1/20)')
     ax.set(xlabel='optimizer step', ylabel='accuracy over the 20 candidates', ylim=(0, 1))
     ax2 = ax.twinx()
@@ -265,7 +268,7 @@ def load_trained_state(model:SpeederRecommender, # a model built with the same c
     "Put a `trained_state` back into `model`, in place."
     from peft import set_peft_model_state_dict
     set_peft_model_state_dict(model.llm, state['lora'])
-    for k in TRAINED_MODULES:
+    for k in loaded_modules(model.cfg, state):
         getattr(model, k).load_state_dict(state[k])
 
 # %% ../nbs/16_train.ipynb #c8e61d1d

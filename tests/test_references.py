@@ -122,3 +122,9 @@ def test_controls_default_to_the_configs_history_examples():
     toy = toy_split(8)
     ds = hand_dataset([list(h[h > 0]) + [t, t] for h, t in zip(toy.histories, toy.targets)], toy, n_items=60)
     assert history_controls(model, ds, toy)['n'] == 3
+
+def test_margin_inside_the_noise_is_no_margin():
+    "A margin over popularity within one binomial standard error of own's HR@1 is none: no ratio that explodes."
+    assert margin_lost(0.8 / 3, 0.61 / 3, 0.79 / 3, 300) is None   # 0.003 above popularity, SE 0.026
+    assert margin_lost(0.8 / 3, 0.61 / 3, 0.79 / 3) == pytest.approx(19.0)   # without n: the raw ratio
+    assert margin_lost(0.5, 0.3, 0.1, 300) == pytest.approx(0.5)
