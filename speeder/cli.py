@@ -282,7 +282,7 @@ def _add_method_parsers(add):
     p = add('ablate', 'run the ablations on the same candidates', cmd_ablate, preset='demo')
     _add_model_flags(p, 'demo', ablations=False)
     p.add_argument('--variants', default=None,
-                   help='comma-separated ablations, e.g. no-ppl,no-ppt (default: speeder,paper,no-listwise)')
+                   help='comma-separated ablations, e.g. no-ppl,no-ppt (default: speeder,paper,no-dense)')
     p.add_argument('--seeds', type=int, default=1, help='runs per variant, with seeds --seed, --seed+1, ...; '
                    'read seed studies at a fixed --max-steps')
     p = add('compare', 'train every method with the same budget and compare accuracy', cmd_compare, preset='compare')

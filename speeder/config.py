@@ -107,7 +107,7 @@ class SpeederConfig:
     listwise_layer:float = 0.5       # the hidden state the listwise head reads, as a fraction of the LLM's depth
     answer:str = LETTER              # 'letter': the LLM names a candidate's letter (the paper); 'item': an item head matches the answer position's hidden state with the candidates' item tokens (beyond the paper)
     item_weight:float = 1.0          # weight of the item head's cross-entropy over the candidates (with answer='item')
-    dense_weight:float = 0.0         # weight of a next-item loss at every history position, through the item head over all items (0: off)
+    dense_weight:float = 1.0         # weight of a next-item loss at every history position, through the item head over all items (a training aid beyond the paper; 0: off)
     # MPO
     mpo:str = 'auto'                 # the curriculum: 'on', 'off' (one joint stage), 'auto' (on when items have images)
     mpo_order:tuple = MODALITIES     # order in which modalities are introduced
@@ -221,6 +221,8 @@ PRESETS = dict(
     # the paper's recipe (`--recipe paper`): no training aid beyond the paper; the LM loss on the answer and PPT stay
     paper=dict(listwise_weight=0.0, spread_weight=0.0, letter_weight=0.0, token_scale='none', mpo='on',
                answer=LETTER, dense_weight=0.0),
+    # what a run saved before these fields existed was trained with: `read_run_config` fills a missing field from here
+    legacy=dict(answer=LETTER, dense_weight=0.0),
 )
 
 # %% ../nbs/00_config.ipynb #c40acd29

@@ -19,7 +19,7 @@ from .model import SpeederRecommender, load_weights, save_weights
 from .answer import check_mode, evaluate, evaluate_both, recommend
 from .train import history_summary, steps_for_minutes, time_per_step, total_steps, training_split
 from .mpo import mpo_stages, train_stages
-from .references import history_controls, reference_lines
+from .references import REFERENCE_NAMES, history_controls, reference_lines
 from .results import reference_rows, seed_row, spread_table
 from .runs import (HISTORY, METRICS, build_model, check_dataset_fits, check_images_folder, check_writable,
                           create_run, default_run_name, final_folder, latest_checkpoint, load_checkpoint, load_kept,
@@ -30,7 +30,7 @@ from .runs import (HISTORY, METRICS, build_model, check_dataset_fits, check_imag
 __all__ = ['RECIPES', 'SWITCHES', 'ABLATIONS', 'STUDY', 'ABLATION_COLUMNS', 'ABLATION_KEYS', 'budget_steps', 'curve_seconds',
            'counted_steps', 'timed', 'fit_speeder', 'finish_run', 'train_main', 'recipe_settings', 'with_budget',
            'demo_main', 'load_trained', 'evaluate_main', 'test_row', 'recommend_main', 'plot_ablation',
-           'ablation_markdown', 'check_seeds', 'ablation_run', 'ablate_main']
+           'ablation_markdown', 'plot_seed_runs', 'check_seeds', 'ablation_run', 'ablate_main']
 
 # %% ../nbs/21_experiments.ipynb #96194b2f
 def budget_steps(model:SpeederRecommender, # the model to train (its steps are timed when `cfg.minutes` is set)
@@ -344,8 +344,9 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'text+sequence': dict(modalities=('text', 'sequence')),
              'sequence-first': dict(mpo='on', mpo_order=('sequence', 'text', 'vision')),
              'drop-modality-0.5': dict(drop_modality=0.5),
-             'item': dict(answer=ITEM), 'item-dense': dict(answer=ITEM, dense_weight=1.0), 'dense': dict(dense_weight=1.0)}
-STUDY = (SPEEDER, 'paper', 'no-listwise')   # the variants `speeder ablate` runs by default
+             'item': dict(answer=ITEM, dense_weight=0.0), 'item-dense': dict(answer=ITEM, dense_weight=1.0),
+             'dense': dict(dense_weight=1.0), 'no-dense': dict(dense_weight=0.0)}
+STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1
 def plot_ablation(rows:list, # one dict per variant: variant, vhr1, score_hr1 (and their `_sd` over seeds)
@@ -378,6 +379,38 @@ def ablation_markdown(res:dict, # what `ablate_main` returns (or its ablation.js
         cols = [(k, 'valid HR@1 (curve)' if k == 'valid_hr1' else h) for k, h in cols]
     refs = reference_rows(res.get('references'), 'variant', ('score_hr1', 'vhr1'))
     return spread_table(res['rows'] + refs, [('variant', 'variant'), *cols])
+
+# %% ../nbs/21_experiments.ipynb #f0f8e82f
+def plot_seed_runs(rows:list, # ablation rows: `variant` and `runs`, each run with its valid `curve`, `own` and `other` HR@1
+                   references:dict, # test HR@1 of the references on the same users: popularity, sasrec_readout, sasrec
+                   valid_references:dict|None=None, # the same on the valid curve's users (a dashed line each; None: none)
+                  )->'plt.Figure':
+    "Left: valid HR@1 against optimizer steps, one colour per variant, one line per seed. Right: each run's test HR@1 with its own history against another user's."
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, row in enumerate(rows):
+        for j, run in enumerate(row['runs']):
+            label = f"{row['variant']} ({len(row['runs'])} seed{'s' if len(row['runs']) > 1 else ''})" if j == 0 else None
+            pts = run.get('curve') or []
+            left.plot([p['step'] for p in pts], [p['hr1'] for p in pts], color=f'C{i}', lw=1, marker='o', ms=2, label=label)
+            right.scatter(run['other'], run['own'], color=f'C{i}', s=20, label=label)
+    for k, v in (valid_references or {}).items():
+        left.axhline(v, ls='--', lw=0.8, color='gray')
+        left.annotate(REFERENCE_NAMES.get(k, k), (0, v), fontsize=6, color='gray', va='bottom')
+    pop = references['popularity']
+    grid = np.linspace(0, 1, 2)
+    right.plot(grid, grid, ls=':', lw=0.8, color='gray', label='own = other')
+    right.plot(grid, 2 * grid - pop, ls='--', lw=0.8, color='black', label='loses half its margin over popularity')
+    for k, x in (('popularity', 0.01), ('sasrec_readout', 0.01), ('sasrec', 0.3)):   # x: where the label sits
+        right.axhline(references[k], ls='--', lw=0.8, color='gray')
+        right.annotate(f'{REFERENCE_NAMES.get(k, k)} ({references[k]:.3f})', (x, references[k]), fontsize=6, color='gray', va='bottom')
+    left.set(xlabel='optimizer step', ylabel='valid HR@1 (score)', ylim=(0, None), title='every seed, step by step')
+    right.set(xlabel="test HR@1 with another user's history", ylabel='test HR@1 with its own history', xlim=(0, 0.6),
+              ylim=(0, 0.65), title='does each run read its user?')
+    left.legend(fontsize=6, loc='upper left', ncol=2)
+    right.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/21_experiments.ipynb #a8f426a4
 def check_seeds(seeds:int, # runs per variant or method
@@ -427,6 +460,7 @@ def ablate_main(dataset:str=DEFAULT_DATASET, # dataset name
     budget = {k: getattr(cfgs[variants[0], first], k) for k in ('minutes', 'max_steps', 'batch_size')}
     res = dict(dataset=dataset, llm=llm, budget=budget, seeds=seed_list, recipe=recipe, rows=rows,
                references=done[variants[0], first]['test_references'],
+               valid_references=done[variants[0], first].get('valid_references'),
                plot=str(save_figure(plot_ablation(rows), out/'ablation.png')))
     if any(r['runs'][0]['curve'] for r in rows):
         fig = plot_curves({r['variant']: r['runs'][0]['curve'] for r in rows},

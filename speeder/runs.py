@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, re, shutil, time
 from pathlib import Path
 import numpy as np, torch
-from .config import GENERATE, MODALITIES, SCORE, SpeederConfig, SpeederError
+from .config import GENERATE, MODALITIES, PRESETS, SCORE, SpeederConfig, SpeederError
 from .assets import atomic_folder, atomic_write, data_root, first_line, log
 from .features import ItemFeatures, item_features
 from .mrc import plot_modality_attention
@@ -23,10 +23,10 @@ from .results import controls_markdown, markdown_table, reference_rows, table_ce
 # %% auto #0
 __all__ = ['RUN_NAME', 'CONFIG', 'METRICS', 'HISTORY', 'REPORT', 'PLOTS', 'CHECKPOINTS', 'CHECKPOINT_NAME', 'KEPT', 'FIGURE_DPI',
            'check_run_name', 'runs_root', 'default_run_name', 'check_writable', 'staging_folder', 'final_folder',
-           'plan_run_folder', 'create_run', 'promote_run', 'read_run_config', 'save_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'save_kept', 'load_kept', 'check_dataset_fits', 'check_images_folder', 'sequence_table',
-           'sasrec_metrics', 'run_features', 'build_model', 'save_figure', 'plot_curves', 'plot_token_stats',
-           'run_attention', 'write_plots', 'write_report']
+           'plan_run_folder', 'create_run', 'promote_run', 'filled_from_legacy', 'read_run_config', 'save_checkpoint',
+           'latest_checkpoint', 'load_checkpoint', 'save_kept', 'load_kept', 'check_dataset_fits',
+           'check_images_folder', 'sequence_table', 'sasrec_metrics', 'run_features', 'build_model', 'save_figure',
+           'plot_curves', 'plot_token_stats', 'run_attention', 'write_plots', 'write_report']
 
 # %% ../nbs/19_runs.ipynb #b92ca77e
 RUN_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._+-]{0,99}')   # one plain folder name
@@ -123,6 +123,11 @@ def promote_run(build:Path, # a finished run's folder
     return final
 
 # %% ../nbs/19_runs.ipynb #949bfe52
+def filled_from_legacy(saved, # what a run's config.json holds
+                      )->dict:
+    "`saved` with each field it lacks (saved before the field existed) at the value those runs trained with (`PRESETS['legacy']`)."
+    return {**PRESETS['legacy'], **saved} if isinstance(saved, dict) else saved
+
 def read_run_config(run:Path, # a run folder
                    )->SpeederConfig:
     "The run's `SpeederConfig`, checked like any other config; a clear error if `run` is not a run folder."
@@ -133,7 +138,7 @@ def read_run_config(run:Path, # a run folder
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpeederError(f'{p} is not valid JSON ({e})') from None
     try:
-        return SpeederConfig.from_dict(saved)
+        return SpeederConfig.from_dict(filled_from_legacy(saved))
     except SpeederError as e:
         raise SpeederError(f'{p}: {e}') from None
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/24_views.ipynb #82f4f628
 from __future__ import annotations
-import os, tempfile
+import fcntl, os, tempfile
 from pathlib import Path
 import numpy as np, torch
 import matplotlib.pyplot as plt
@@ -36,19 +36,22 @@ def tiny_runs(runs_dir:str|Path|None=None, # where to put them (default: a speed
     ("Two finished tiny-backbone runs on `dataset`, with and without PPL "
      "(reused when a finished one with the same config is there).")
     runs_dir = Path(runs_dir) if runs_dir else Path(tempfile.gettempdir())/'speeder-explore'
+    runs_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, extra in ((f'{STAND_IN}-{dataset}-ppl', {}), (f'{STAND_IN}-{dataset}-no-ppl', dict(use_ppl=False))):
-        run = runs_dir/name
-        want = dict(TINY_EXPLORE, **extra, dataset=dataset, images=str(Path(images).resolve()) if images else None)
-        try:
-            fresh = (run/METRICS).exists() and read_run_config(run) == SpeederConfig.from_dict(want)
-        except SpeederError:
-            fresh = False   # a run from an older speeder: made again
-        if not fresh:
-            log(f'training the tiny stand-in run {run} (a few seconds)')
-            train_main(dataset, name=name, runs_dir=runs_dir, overwrite=True, root=root, images=images,
-                       **TINY_EXPLORE, **extra)
-        out.append(run)
+    with open(runs_dir/'.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # another process (a parallel notebook test) waits, then finds the runs made
+        for name, extra in ((f'{STAND_IN}-{dataset}-ppl', {}), (f'{STAND_IN}-{dataset}-no-ppl', dict(use_ppl=False))):
+            run = runs_dir/name
+            want = dict(TINY_EXPLORE, **extra, dataset=dataset, images=str(Path(images).resolve()) if images else None)
+            try:
+                fresh = (run/METRICS).exists() and read_run_config(run) == SpeederConfig.from_dict(want)
+            except SpeederError:
+                fresh = False   # a run from an older speeder: made again
+            if not fresh:
+                log(f'training the tiny stand-in run {run} (a few seconds)')
+                train_main(dataset, name=name, runs_dir=runs_dir, overwrite=True, root=root, images=images,
+                           **TINY_EXPLORE, **extra)
+            out.append(run)
     return out
 
 def explore_runs(runs_dir:str|Path|None=None, # where the tiny runs go when the variable is unset (see tiny_runs)

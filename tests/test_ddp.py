@@ -8,10 +8,12 @@ from speeder.experiments import train_main
 
 pytestmark = pytest.mark.usefixtures('ml100k')   # the runs' dataset, built once per session (conftest.py)
 
-# dropout off and PPT off (its position pairs are drawn per batch, so 2 x 4 would draw other pairs than 1 x 8):
-# what is left differs between 1 and 2 processes only in the order of float additions
+# dropout off and PPT off (its position pairs are drawn per batch, so 2 x 4 would draw other pairs than 1 x 8), the
+# spread and dense losses off (their means run over the batch's distinct items and its history positions with a next
+# item, which 2 x 4 splits otherwise than 1 x 8): what is left differs between 1 and 2 processes only in the order of
+# float additions
 TINY = preset_settings(STAND_IN, valid_examples=10, dropout=0, lora_dropout=0, use_ppt=False, mpo='on', spread_weight=0,
-                       curve_every=None)
+                       dense_weight=0, curve_every=None)
 SET = ['--set', *(f'{k}={json.dumps(v)}' for k, v in TINY.items() if k != 'llm')]
 ARGS = ['train', '--llm', STAND_IN, '--max-steps', '12', '--train-examples', '48', '--eval-examples', '20',
         '--checkpoint-every', '3', '--json', *SET]

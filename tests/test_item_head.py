@@ -37,17 +37,21 @@ def test_item_head_is_saved_and_answers_again_after_loading(item_run):
     _, kept = load_kept(run)
     assert 'item_head' in kept   # the best point's weights include the head
 
-def test_letter_default_has_no_item_terms(tmp_path):
+def test_letter_default_trains_dense_but_answers_with_letters(tmp_path):
     res = exp.train_main(name='letter', runs_dir=tmp_path, **dict(TINY, max_steps=2))
     history = json.loads((tmp_path/'letter'/'history.json').read_text())['history']
-    assert all(r['item_loss'] == 0 and r['dense_loss'] == 0 for r in history)
+    assert all(r['item_loss'] == 0 and r['dense_loss'] > 0 for r in history)   # the dense aid trains, the letter answers
     assert SpeederConfig.preset(STAND_IN).answer == LETTER
+    exp.train_main(name='bare', runs_dir=tmp_path, **dict(TINY, max_steps=2, **exp.ABLATIONS['no-dense']))
+    history = json.loads((tmp_path/'bare'/'history.json').read_text())['history']
+    assert all(r['item_loss'] == 0 and r['dense_loss'] == 0 for r in history)   # no-dense: neither term
 
 def test_ablation_rows_change_only_their_fields():
-    assert exp.ABLATIONS['item'] == dict(answer=ITEM)
+    assert exp.ABLATIONS['item'] == dict(answer=ITEM, dense_weight=0.0)
+    assert exp.ABLATIONS['no-dense'] == dict(dense_weight=0.0)
     assert exp.ABLATIONS['dense'] == dict(dense_weight=1.0)   # a training aid: the letter still answers
     assert exp.ABLATIONS['item-dense'] == dict(answer=ITEM, dense_weight=1.0)
-    for v in ('item', 'dense', 'item-dense'):
+    for v in ('item', 'dense', 'item-dense', 'no-dense'):
         SpeederConfig(**exp.ABLATIONS[v])   # each is a valid config
     with pytest.raises(SpeederError, match='would never train'):
-        SpeederConfig(answer=ITEM, item_weight=0.0)
+        SpeederConfig(answer=ITEM, item_weight=0.0, dense_weight=0.0)

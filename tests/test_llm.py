@@ -237,10 +237,12 @@ def test_the_backbone_is_handed_in():
 
 def test_item_tokens_stay_apart_with_the_spread_loss():
     "Trained on the toy, the tiny model's item tokens turn towards one direction without the spread loss, not with it."
+    # the dense next-item loss (a default) also keeps them apart: it is off here, so the contrast is the spread loss's alone
     items, ends = torch.arange(1, 61), {}
     for w in (1.0, 0.0):
         # lr 3e-3: at 5e-3 the toy's training is chaotic, and a 1% change of the schedule flips the outcome
-        m = _model(d_model=64, lora_r=8, lr=3e-3, batch_size=8, max_steps=120, warmup_steps=5, spread_weight=w)
+        m = _model(d_model=64, lora_r=8, lr=3e-3, batch_size=8, max_steps=120, warmup_steps=5, spread_weight=w,
+                   dense_weight=0.0)
         fit(m, _toy())
         ends[w] = token_stats(m, items)
     assert ends[0.0]['token_cos'] > 0.7, ends   # without the spread loss they turn towards one direction
@@ -273,7 +275,7 @@ def test_listwise_loss_and_its_switch():
     by_hand = -scores.log_softmax(1)[torch.arange(len(toy)), b['target']].mean()
     assert on['listwise_loss'].item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert on['listwise_acc'].item() == pytest.approx((scores.argmax(1) == b['target']).float().mean().item())
-    rest = lambda o: o['lm_loss'] + o['letter_loss'] + o['spread_loss']
+    rest = lambda o: o['lm_loss'] + o['letter_loss'] + o['spread_loss'] + m.cfg.dense_weight * o['dense_loss']
     assert on['loss'].item() == pytest.approx((rest(on) + on['listwise_loss']).item(), rel=1e-6)
     m.cfg.listwise_weight = 0.0
     with torch.no_grad():
