@@ -380,7 +380,7 @@ def ablation_markdown(res:dict, # what `ablate_main` returns (or its ablation.js
     refs = reference_rows(res.get('references'), 'variant', ('score_hr1', 'vhr1'))
     return spread_table(res['rows'] + refs, [('variant', 'variant'), *cols])
 
-# %% ../nbs/21_experiments.ipynb #f0f8e82f
+# %% ../nbs/21_experiments.ipynb #9b5d3a72
 def plot_seed_runs(rows:list, # ablation rows: `variant` and `runs`, each run with its valid `curve`, `own` and `other` HR@1
                    references:dict, # test HR@1 of the references on the same users: popularity, sasrec_readout, sasrec
                    valid_references:dict|None=None, # the same on the valid curve's users (a dashed line each; None: none)
