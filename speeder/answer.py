@@ -15,8 +15,8 @@ from .dist import gather_objects, is_main, rank, world_size
 from .model import SpeederRecommender
 
 # %% auto #0
-__all__ = ['REORDERINGS', 'check_mode', 'autocast', 'score_candidates', 'generate_answers', 'answer_both', 'recommend',
-           'evaluate', 'recommend_both', 'evaluate_both', 'reorder_histories', 'order_sensitivity']
+__all__ = ['REORDERINGS', 'check_mode', 'autocast', 'score_candidates', 'generate_answers', 'answer_both', 'length_order',
+           'recommend', 'evaluate', 'recommend_both', 'evaluate_both', 'reorder_histories', 'order_sensitivity']
 
 # %% ../nbs/14_answer.ipynb #aed0fb8d
 def check_mode(mode:str, # an answer mode
@@ -78,8 +78,11 @@ def _decode(model:SpeederRecommender, out, batch:dict, n:int, stop_at_eos:bool=T
                         position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
     return model.prompt.tokenizer.batch_decode(torch.stack(steps, 1).cpu(), skip_special_tokens=True)
 
-def _answer_tokens(model:SpeederRecommender, max_new_tokens:int|None)->int:
-    return max_new_tokens or model.prompt.max_answer_tokens or model.cfg.max_new_tokens
+def _answer_tokens(model:SpeederRecommender, max_new_tokens:int|None, batch:dict|None=None)->int:
+    "Tokens to decode: as asked, else the batch's longest candidate answer (text prompts), else the prompt's or the config's."
+    if max_new_tokens: return max_new_tokens
+    if batch is not None and hasattr(model.prompt, 'answer_cap'): return model.prompt.answer_cap(batch['candidates'])
+    return model.prompt.max_answer_tokens or model.cfg.max_new_tokens
 
 def _generated(model:SpeederRecommender, out, batch:dict, active, n:int, stop_at_eos:bool=True)->list[str]:
     "Generate mode's answers from a prompt pass: decoded tokens, or (answer='item') the item head's top candidate's letter."
@@ -95,7 +98,7 @@ def generate_answers(model:SpeederRecommender, # the recommender
                     )->list[str]:
     "Greedy answers (KV cache, stops at the end token), decoded without special tokens; the item head writes its letter."
     out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer != ITEM)
-    return _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens), stop_at_eos)
+    return _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens, batch), stop_at_eos)
 
 # %% ../nbs/14_answer.ipynb #d4b1a002
 @torch.no_grad()
@@ -110,18 +113,34 @@ def answer_both(model:SpeederRecommender, # the recommender (its prompt must hav
     out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer != ITEM)
     scores = _choice_scores(model, out, batch, active)   # on the CPU: the pass has finished
     pass_s = time.time() - t0
-    return scores, _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens)), pass_s
+    return scores, _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens, batch)), pass_s
 
 # %% ../nbs/14_answer.ipynb #531ed2c6
 def _batches(n:int, size:int):
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
+def length_order(model:SpeederRecommender, # the recommender (its prompt counts tokens when prompts differ in length)
+                 histories:np.ndarray, # (n, L) item ids
+                 candidates:np.ndarray, # (n, C) item ids
+                )->np.ndarray:
+    "The examples by prompt length (text prompts), so a batch pads little and its answers end alike; else as given."
+    if not hasattr(model.prompt, 'prompt_length'): return np.arange(len(histories))
+    return np.argsort([model.prompt.prompt_length(h, c) for h, c in zip(histories, candidates)], kind='stable')
+
 def _answer_batches(model, histories, candidates, batch_size:int|None, progress_desc:str|None)->tuple:
-    "The examples as arrays and their batches (a progress bar when titled); the model goes into eval mode."
+    "The examples as arrays in `length_order`, that order (to put answers back) and the batches; the model goes into eval mode."
     histories, candidates = np.asarray(histories), np.asarray(candidates)
+    order = length_order(model, histories, candidates)
     model.eval()
     slices = _batches(len(histories), batch_size or model.cfg.eval_batch_size)
-    return histories, candidates, progress(slices, desc=progress_desc, disable=progress_desc is None)
+    return histories[order], candidates[order], order, progress(slices, desc=progress_desc, disable=progress_desc is None)
+
+def _in_given_order(values, # per-example results in `order`
+                    order:np.ndarray, # the order they were answered in
+                   ):
+    "The results back in the order the examples were given (a list, or an array's rows)."
+    back = np.argsort(order)
+    return values[back] if isinstance(values, np.ndarray) else [values[i] for i in back]
 
 def recommend(model:SpeederRecommender, # the recommender
               histories, # (n, L) item ids, left-padded
@@ -134,7 +153,7 @@ def recommend(model:SpeederRecommender, # the recommender
     "Answers for many examples: `picks` (item id or None), plus `scores` (score mode) or `answers` (generate mode)."
     check_mode(mode)
     was = model.training
-    histories, candidates, slices = _answer_batches(model, histories, candidates, batch_size, progress_desc)
+    histories, candidates, order, slices = _answer_batches(model, histories, candidates, batch_size, progress_desc)
     picks, scores, answers = [], [], []
     for sl in slices:
         batch = model.prompt.batch(histories[sl], candidates[sl])
@@ -148,7 +167,9 @@ def recommend(model:SpeederRecommender, # the recommender
                 answers += texts
                 picks += [model.prompt.pick(t, c) for t, c in zip(texts, candidates[sl])]
     model.train(was)
-    return dict(picks=picks, scores=torch.cat(scores).numpy() if scores else None, answers=answers or None)
+    return dict(picks=_in_given_order(picks, order),
+                scores=_in_given_order(torch.cat(scores).numpy(), order) if scores else None,
+                answers=_in_given_order(answers, order) if answers else None)
 
 # %% ../nbs/14_answer.ipynb #23f0433b
 def _examples(split:Split, max_examples:int|None)->int:
@@ -192,7 +213,8 @@ def recommend_both(model:SpeederRecommender, # the recommender (its prompt must 
     "`recommend` in both modes from one prefill per batch: scores, answers, picks and seconds, each mode's."
     _check_scores(model)
     was = model.training
-    histories, candidates, slices = _answer_batches(model, histories, candidates, batch_size, progress_desc)
+    given = np.asarray(candidates)
+    histories, candidates, order, slices = _answer_batches(model, histories, candidates, batch_size, progress_desc)
     scores, answers, secs = [], [], dict(score=0.0, generate=0.0)
     for sl in slices:
         t0 = time.time()
@@ -205,9 +227,10 @@ def recommend_both(model:SpeederRecommender, # the recommender (its prompt must 
         scores.append(s)
         answers += texts
     model.train(was)
-    scores = torch.cat(scores).numpy() if scores else None
-    picks = dict(score=[int(c[k]) for c, k in zip(candidates, scores.argmax(1).tolist())] if scores is not None else [],
-                 generate=[model.prompt.pick(t, c) for t, c in zip(answers, candidates)])
+    scores = _in_given_order(torch.cat(scores).numpy(), order) if scores else None
+    answers = _in_given_order(answers, order)
+    picks = dict(score=[int(c[k]) for c, k in zip(given, scores.argmax(1).tolist())] if scores is not None else [],
+                 generate=[model.prompt.pick(t, c) for t, c in zip(answers, given)])
     return dict(scores=scores, answers=answers, picks=picks, seconds=secs)
 
 # %% ../nbs/14_answer.ipynb #d4b1a006

@@ -4,18 +4,20 @@
 
 # %% ../nbs/23_bench.ipynb #041f129f
 from __future__ import annotations
-import ctypes, gc, json, time
+import ctypes, gc, inspect, json, time
 from contextlib import contextmanager
 from functools import partial
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['RATIOS', 'BENCH_METHODS', 'BENCH_COLUMNS', 'prompt_tokens', 'summary', 'peak_memory', 'training_throughput',
-           'step_breakdown', 'answer_tokens', 'answer_once', 'latency', 'answer_breakdown', 'bench_method',
-           'bench_ratios', 'bench_main', 'plot_bench', 'bench_markdown', 'breakdown_markdown']
+__all__ = ['RATIOS', 'LIMIT_RATIOS', 'LIMIT_OF', 'BENCH_METHODS', 'BENCH_COLUMNS', 'prompt_tokens', 'summary', 'peak_memory',
+           'training_throughput', 'step_breakdown', 'answer_tokens', 'answer_once', 'latency', 'answer_breakdown',
+           'bench_method', 'bench_ratios', 'random_ids', 'bare_step_s', 'bare_answer', 'backbone_limits',
+           'limit_ratios', 'bench_main', 'plot_bench', 'bench_markdown', 'breakdown_markdown']
 
 # %% ../nbs/23_bench.ipynb #6e211777
 from .config import DEFAULT_DATASET, DEFAULT_LLM, GENERATE, MODALITIES, SCORE, SPEEDER, STAND_IN, SpeederConfig, SpeederError
@@ -27,6 +29,7 @@ from .train import fit, training_split
 from .results import markdown_table, table_cell
 from .runs import build_model, check_writable, default_run_name, run_features, runs_root, save_figure
 from .baselines import BASELINES, baseline_model
+from .backbone import add_lora, load_backbone
 
 # %% ../nbs/23_bench.ipynb #1b953bbd
 def prompt_tokens(prompt, # a model's prompt builder (`model.prompt`)
@@ -280,6 +283,117 @@ def bench_ratios(rows:list, # one dict per method, from `bench_method`
         out[name] = None if b is None or o is None else (o / b if higher else b / o)
     return out
 
+# %% ../nbs/23_bench.ipynb #cb095146
+def _keep_kw(llm, # a causal LM (peft-wrapped or not)
+             n:int, # logits to compute, at the last positions
+            )->dict:
+    "`logits_to_keep=n` where the model's forward takes it (as `SpeederRecommender.lm` does), else nothing."
+    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    return dict(logits_to_keep=n) if 'logits_to_keep' in inspect.signature(base.forward).parameters else {}
+
+def random_ids(llm, # the backbone (its vocabulary size)
+               batch_size:int, # rows
+               tokens:int, # columns
+               generator:torch.Generator, # the draw's randomness
+              )->torch.Tensor:
+    "(batch_size, tokens) random token ids of the backbone's vocabulary, on its device."
+    ids = torch.randint(0, llm.config.vocab_size, (batch_size, tokens), generator=generator)
+    return ids.to(next(llm.parameters()).device)
+
+def bare_step_s(llm, # a causal LM with LoRA adapters (`add_lora`): only they train
+                tokens:int, # training example length: prompt + answer
+                batch_size:int, # examples per step
+                answer:int, # answer tokens: the loss is on them, and only their logits are computed (as in `forward`)
+                steps:int, # measured optimizer steps
+                warmup:int, # steps run first, not measured
+               )->float:
+    "Seconds of one training step of the bare backbone on random ids: forward, cross-entropy on the answer, backward, AdamW."
+    device, gen = next(llm.parameters()).device, torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW([p for p in llm.parameters() if p.requires_grad], lr=1e-4)
+    llm.train()
+    times = []
+    for i in range(warmup + steps):
+        ids = random_ids(llm, batch_size, tokens, gen)
+        t0 = time.perf_counter()
+        logits = llm(input_ids=ids, **_keep_kw(llm, answer + 1)).logits[:, -(answer + 1):-1]
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, -answer:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup: times.append(time.perf_counter() - t0)
+    llm.eval()
+    return float(np.mean(times))
+
+@torch.no_grad()
+def bare_answer(llm, # the backbone, as `bare_step_s` takes it
+                tokens:int, # prompt length
+                batch_size:int, # requests per call
+                mode:str, # GENERATE: a prefill, then `new_tokens - 1` greedy tokens through the KV cache; SCORE: the prefill
+                new_tokens:int, # answer tokens decoded in generate mode (the prefill gives the first)
+                calls:int, # calls timed
+                warmup:int, # calls run first, not timed
+               )->dict:
+    "Latency of the bare backbone on random prompts, as `latency` reports it: p50 per call and mean per request (ms)."
+    device, gen = next(llm.parameters()).device, torch.Generator().manual_seed(1)
+    llm.eval()
+    times = []
+    for i in range(warmup + calls):
+        ids = random_ids(llm, batch_size, tokens, gen)
+        t0 = time.perf_counter()
+        out = llm(input_ids=ids, use_cache=mode == GENERATE, **_keep_kw(llm, 1))
+        for _ in range(new_tokens - 1 if mode == GENERATE else 0):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = llm(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        _sync(device)
+        if i >= warmup: times.append((time.perf_counter() - t0) * 1000)
+    return dict(p50_ms=float(np.percentile(times, 50)), per_request_ms=float(np.mean(times)) / batch_size)
+
+# %% ../nbs/23_bench.ipynb #a90906bc
+LIMIT_RATIOS = {   # limit ratio: (text-only time, Speeder time) in the bare backbone's measurements
+    'limit_train': ('s_per_step', 's_per_step'),
+    'limit_generate_b1': ('generate_b1_p50_ms', 'generate_b1_p50_ms'),
+    'limit_score_b1': ('generate_b1_p50_ms', 'score_b1_p50_ms'),
+    'limit_generate_b16': ('generate_b16_per_request_ms', 'generate_b16_per_request_ms'),
+    'limit_score_b16': ('generate_b16_per_request_ms', 'score_b16_per_request_ms'),
+}
+LIMIT_OF = dict(train_speedup='limit_train', infer_speedup_generate='limit_generate_b1',
+                infer_speedup_score='limit_score_b1', infer_speedup_generate_b16='limit_generate_b16',
+                infer_speedup_score_b16='limit_score_b16')   # each speed-up and the limit ratio beside it
+
+def backbone_limits(rows:list, # one dict per method, from `bench_method` (its lengths)
+                    cfg:SpeederConfig, # the backbone, its LoRA, and the bench's batch size, steps and calls
+                    root=None, # data folder (see `data_root`)
+                    device=None, # torch device (default cpu)
+                    batch_sizes:tuple=(1, 16), # request batch sizes, as `bench_method`'s
+                   )->dict:
+    "Per method: the bare backbone's training step and answer latencies at that method's prompt and answer lengths."
+    device = torch.device(device or 'cpu')
+    torch.manual_seed(cfg.seed)
+    llm = load_backbone(cfg.llm, root, cfg.torch_dtype(device))[0]
+    llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets).to(device)
+    out = {}
+    for r in progress(rows, desc='bare backbone'):
+        prompt, answer = round(r['prompt_tokens_mean']), r['answer_tokens']
+        lim = dict(prompt_tokens=prompt, train_tokens=round(r['train_tokens_mean']), answer_tokens=answer)
+        lim['s_per_step'] = bare_step_s(llm, lim['train_tokens'], cfg.batch_size, answer, cfg.bench_steps, cfg.bench_warmup)
+        for mode in (GENERATE, SCORE) if f'{SCORE}_b1_p50_ms' in r else (GENERATE,):
+            for bs in batch_sizes:
+                calls = cfg.bench_calls if bs == 1 else max(2, cfg.bench_calls // 4)
+                lat = bare_answer(llm, prompt, bs, mode, answer, calls, cfg.bench_warmup)
+                lim.update({f'{mode}_b{bs}_{k}': v for k, v in lat.items()})
+        out[r['method']] = lim
+    del llm
+    _free(device)
+    return out
+
+def limit_ratios(limits:dict, # method -> its bare-backbone measurements (`backbone_limits`)
+                 against:str='text-only', # the reference method
+                 method:str=SPEEDER, # the method whose limits are computed
+                )->dict:
+    "The speed-ups the bare backbone allows, named as in `LIMIT_RATIOS` (None where a method is missing)."
+    base, ours = limits.get(against, {}), limits.get(method, {})
+    return {name: base[kb] / ours[ko] if kb in base and ko in ours else None for name, (kb, ko) in LIMIT_RATIOS.items()}
+
 # %% ../nbs/23_bench.ipynb #33b901cf
 BENCH_METHODS = (SPEEDER,) + BASELINES
 
@@ -331,9 +445,11 @@ def bench_main(dataset:str=DEFAULT_DATASET, # dataset name (see `load_dataset`)
     examples = training_split(ds, (cfg.bench_warmup + cfg.bench_steps) * cfg.batch_size * 2, cfg.n_candidates, cfg.seed)
     t0 = time.time()
     rows = _bench_rows(methods, ds, cfg, examples, root, device)
+    limits = backbone_limits(rows, cfg, root, device)
     res = dict(dataset=dataset, llm=str(llm), backbone_is_stand_in=str(llm) == STAND_IN, device=str(device),
                torch_threads=torch.get_num_threads(), batch_size=cfg.batch_size, train_steps=cfg.bench_steps,
-               warmup=cfg.bench_warmup, rows=rows, ratios=bench_ratios(rows), wall_s=time.time() - t0, out=str(run))
+               warmup=cfg.bench_warmup, rows=rows, limits=limits, ratios={**bench_ratios(rows), **limit_ratios(limits)},
+               wall_s=time.time() - t0, out=str(run))
     (run/'bench.json').write_text(json.dumps(res, indent=1))
     res['plot'] = str(save_figure(plot_bench(rows), run/'bench.png'))
     return res
@@ -376,11 +492,13 @@ BENCH_COLUMNS = [('prompt_tokens_mean', 'prompt tokens'), ('prompt_tokens_p95', 
 
 def bench_markdown(res:dict # what `bench_main` returns (or a bench.json)
                   )->str:
-    "The benchmark as a markdown table, then Speeder's ratios against each text baseline in the run."
+    "The benchmark as a markdown table, then Speeder's ratios against each text baseline in the run, each beside its limit."
     table = markdown_table(res['rows'], [('method', 'method'), *BENCH_COLUMNS], partial(table_cell, digits=1, below=100))
     lines = []
     for ref in [r['method'] for r in res['rows'] if r['method'] != SPEEDER]:
-        ratios = ', '.join(f'**{k}** {v:.2f}' for k, v in bench_ratios(res['rows'], ref).items() if v is not None)
+        limit = limit_ratios(res.get('limits', {}), ref)   # records made before the limits have none
+        beside = lambda k: f' (limit {limit[LIMIT_OF[k]]:.2f})' if limit.get(LIMIT_OF.get(k)) else ''
+        ratios = ', '.join(f'**{k}** {v:.2f}{beside(k)}' for k, v in bench_ratios(res['rows'], ref).items() if v is not None)
         if ratios:
             lines.append(f'Speeder against {ref}: {ratios}.')
     return table + '\n\n' + '\n\n'.join(lines) + '\n\n' + breakdown_markdown(res['rows']) + \

@@ -328,3 +328,18 @@ def render(self:ItemTextPrompt, history, # one history: item ids, 0 = padding
           )->str:
     "The prompt as text (placeholders shown as `ITEM_TOKEN`)."
     return self.tokenizer.decode(self.row(np.asarray(history), torch.as_tensor(np.asarray(candidates))).ids)
+
+# %% ../nbs/12_prompt.ipynb #5acefbc9
+@patch
+def answer_cap(self:ItemTextPrompt, candidates, # (B, C) a batch's candidate item ids
+              )->int:
+    "Tokens an answer of this batch can need: the longest of its candidates' answers (title + end token)."
+    return max(len(self.answer_ids(i)) for i in np.unique(np.asarray(candidates)) if i > 0)
+
+@patch
+def prompt_length(self:ItemTextPrompt, history, # one history: item ids, 0 = padding
+                  candidates, # its candidate item ids
+                 )->int:
+    "Tokens of the prompt (no answer), counted from the cached item lines."
+    items = [i for i in np.asarray(history) if i > 0] + list(np.asarray(candidates))
+    return len(self.start + self.head + self.mid + self.tail) + sum(len(self.line(i)) for i in items)
