@@ -16,7 +16,7 @@ from .results import RECORDED_FIGURES, cmd_readme
 # %% auto #0
 __all__ = ['BUDGET_FLAGS', 'MODEL_FLAGS', 'CONFIG_FLAG_TYPES', 'RECORD_SUFFIX', 'RUN_CLI_TIMEOUT', 'cmd_data', 'cmd_assets',
            'cmd_sasrec', 'parse_sets', 'config_overrides', 'cmd_train', 'cmd_demo', 'cmd_evaluate', 'cmd_recommend',
-           'cmd_ablate', 'cmd_compare', 'cmd_bench', 'field_help', 'HelpFormatter', 'UsageError', 'Parser',
+           'cmd_views', 'cmd_ablate', 'cmd_compare', 'cmd_bench', 'field_help', 'HelpFormatter', 'UsageError', 'Parser',
            'build_parser', 'emit', 'check_record_as', 'record_result', 'result_figures', 'record_figures',
            'report_error', 'main', 'run_cli']
 
@@ -115,6 +115,12 @@ def cmd_recommend(args, # the parsed command line
     "speeder recommend: one user's history, candidates and the model's pick."
     from speeder.experiments import recommend_main
     return recommend_main(args.run_dir, args.user, args.data_dir)
+
+def cmd_views(args, # the parsed command line
+             )->dict:
+    "speeder views: one user's explorer figures of a run, saved in the run folder (and with --record, in nbs/results)."
+    from speeder.views import save_views
+    return save_views(args.run_dir, args.user, args.data_dir)
 
 # %% ../nbs/26_cli.ipynb #3a035148
 def _methods(arg:str|None, default:tuple|None)->tuple|None:
@@ -274,6 +280,9 @@ def _add_run_parsers(add):
     p.add_argument('--mode', choices=ANSWER_MODES, default=GENERATE, help='answer mode')
     p.add_argument('--eval-examples', type=int, default=None, help='first n test examples (default: all)')
     p = add('recommend', "show one user's history, candidates and the model's pick", cmd_recommend)
+    p.add_argument('run_dir', help='a finished run folder')
+    p.add_argument('--user', required=True, help='raw user id (required; no default)')
+    p = add('views', "save one user's explorer figures of a run (scores, MoME attention, position probe, PPL)", cmd_views)
     p.add_argument('run_dir', help='a finished run folder')
     p.add_argument('--user', required=True, help='raw user id (required; no default)')
 

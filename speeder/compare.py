@@ -12,7 +12,7 @@ from .config import DEFAULT_DATASET, DEFAULT_LLM, GENERATE, MODALITIES, SCORE, S
 from .assets import atomic_write, log
 from .data import load_dataset
 from .answer import evaluate, evaluate_both
-from .train import ValidCurve, total_steps, training_split
+from .train import ValidCurve, curve_steps, total_steps, training_split
 from .references import reference_lines
 from .results import reference_rows, seed_row, spread_table
 from .runs import (build_model, check_writable, default_run_name, plot_curves, run_features, runs_root,
@@ -21,35 +21,48 @@ from .baselines import BASELINES, BASELINE_STAGES, baseline_model, train_baselin
 from .experiments import budget_steps, check_seeds, curve_seconds, fit_speeder, with_budget
 
 # %% auto #0
-__all__ = ['COMPARE_KEYS', 'COMPARE_COLUMNS', 'compare_main', 'plot_compare', 'compare_markdown']
+__all__ = ['COMPARE_KEYS', 'COMPARE_COLUMNS', 'compare_main', 'compare_curves', 'plot_compare', 'curve_modes', 'compare_markdown']
 
 # %% ../nbs/22_compare.ipynb #d090f468
-def _method_row(method:str, model, ds, examples, hist, train_s:float, eval_examples, s_step, points):
+def _method_row(method:str, model, ds, examples, fitted:dict, train_s:float, eval_examples)->dict:
+    "A method's row: test answers (generate mode; score mode too where it can), examples seen, each phase's seconds, its curve."
     if model.prompt.can_score:
         both = evaluate_both(model, ds.test, eval_examples)
         gen, sc = both['generate'], both['score']
     else:
         gen, sc = evaluate(model, ds.test, GENERATE, eval_examples), None
-    row = dict(method=method, seed=model.cfg.seed, hr1=gen['hr1'], valid_ratio=gen['valid_ratio'], vhr1=gen['vhr1'],
-               n_test=gen['n'], steps=len(hist), train_examples=len(examples), train_s=train_s,
-               trained_s=hist[-1]['seconds'], s_per_step=s_step or hist[-1]['seconds'] / len(hist),
-               generate_s=gen['seconds'], final_loss=float(np.mean([r['lm_loss'] for r in hist[-10:]])), curve=points)
+    cfg, hist, points = model.cfg, fitted['history'], fitted['curve']
+    trained_s = hist[-1]['seconds']
+    row = dict(method=method, seed=cfg.seed, hr1=gen['hr1'], valid_ratio=gen['valid_ratio'], vhr1=gen['vhr1'],
+               n_test=gen['n'], steps=len(hist), train_examples=len(examples),
+               examples_seen=len(hist) * cfg.batch_size * cfg.grad_accum, train_s=train_s, trained_s=trained_s,
+               budget_share=trained_s / (cfg.minutes * 60) if cfg.minutes else None,
+               s_per_step=trained_s / len(hist), calibrated_s_per_step=fitted['s_per_step'],
+               calibration_s=fitted['calibration_s'], curve_s=sum(p['eval_s'] for p in points),
+               curve_mode=points[-1]['mode'] if points else None, generate_s=gen['seconds'],
+               ms_per_answer=1000 * gen['seconds'] / gen['n'],
+               final_loss=float(np.mean([r['lm_loss'] for r in hist[-10:]])), curve=points)
     if sc is not None:
         row.update(score_hr1=sc['hr1'], score_s=sc['seconds'])
     return row
 
-def _train_speeder(ds, cfg, examples, root, json_progress, curve_every):
+def _train_speeder(ds, cfg, examples, root, json_progress, curve_every)->tuple:
+    "Speeder as `speeder train` trains it: (model, its history, calibrated s/step, curve and calibration seconds)."
     model = build_model(ds, cfg, root)
     st = fit_speeder(model, ds, examples, valid=curve_every is not None, curve_every=curve_every,
                      json_progress=json_progress)
-    return model, st['history'], st['s_per_step'], st['curve']
+    return model, {k: st[k] for k in ('history', 's_per_step', 'curve', 'calibration_s')}
 
-def _train_text_baseline(m, ds, feats, cfg, examples, root, json_progress, curve_every):
+def _train_text_baseline(m, ds, feats, cfg, examples, root, json_progress, curve_every)->tuple:
+    "Baseline `m` for the budget, its curve at the same shares of its own steps: as `_train_speeder`."
     model = baseline_model(m, ds, feats, cfg, root)
+    t0 = time.time()
     steps, s_step = budget_steps(model, examples, model.cfg)
-    curve = ValidCurve(model, ds.valid, cfg.curve_examples, curve_every) if curve_every else None
+    calibration_s = time.time() - t0
+    curve = ValidCurve(model, ds.valid, cfg.curve_examples, curve_every,
+                       at_steps=curve_steps(model.cfg, steps)) if curve_every else None
     hist = train_baseline(model, examples, steps, json_progress, curve=curve)
-    return model, hist, s_step, curve.points if curve else []
+    return model, dict(history=hist, s_per_step=s_step, curve=curve.points if curve else [], calibration_s=calibration_s)
 
 # %% ../nbs/22_compare.ipynb #b74d02e6
 def _finished_rows(path:Path, settings:dict)->dict:
@@ -68,11 +81,10 @@ def _train_row(m, ds, cfg, examples, root, json_progress, curve_every, feats):
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     if m == SPEEDER:
-        model, hist, s_step, points = _train_speeder(ds, cfg, examples, root, json_progress, curve_every)
+        model, fitted = _train_speeder(ds, cfg, examples, root, json_progress, curve_every)
     else:
-        model, hist, s_step, points = _train_text_baseline(m, ds, feats(), cfg, examples, root, json_progress,
-                                                           curve_every)
-    return _method_row(m, model, ds, examples, hist, time.time() - t0, cfg.eval_examples, s_step, points)
+        model, fitted = _train_text_baseline(m, ds, feats(), cfg, examples, root, json_progress, curve_every)
+    return _method_row(m, model, ds, examples, fitted, time.time() - t0, cfg.eval_examples)
 
 # %% ../nbs/22_compare.ipynb #e53b5d14
 def compare_main(dataset:str=DEFAULT_DATASET, # dataset name
@@ -131,8 +143,15 @@ def _train_rows(res, methods, done, ds, cfg, root, json_progress, run):
             atomic_write(run/'compare.json', lambda p: p.write_text(json.dumps(res, indent=1)))   # kept, whatever happens next
 
 # %% ../nbs/22_compare.ipynb #a21fin01
-COMPARE_KEYS = ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'steps', 's_per_step', 'train_s', 'trained_s',
-                'generate_s', 'n_test')   # what a row of `speeder compare` summarises over seeds
+COMPARE_KEYS = ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'steps', 'examples_seen', 's_per_step', 'train_s',
+                'trained_s', 'budget_share', 'calibration_s', 'curve_s', 'generate_s', 'ms_per_answer',
+                'n_test')   # what a row of `speeder compare` summarises over seeds
+
+def compare_curves(rows:list, # `compare_main`'s rows (each method's `runs`)
+                  )->dict:
+    "name -> valid curve of every run that has one: the method, and its seed when the method ran more than once."
+    return {r['method'] + (f" (seed {run['seed']})" if len(r['runs']) > 1 else ''): run['curve']
+            for r in rows if r.get('runs') for run in r['runs'] if run.get('curve')}
 
 def _finish_compare(res, ds, cfg, root, sasrec, run)->dict:
     "One row per method over its seeds, SASRec's row, the reference lines, compare.json and the figures."
@@ -141,7 +160,7 @@ def _finish_compare(res, ds, cfg, root, sasrec, run)->dict:
     if sas:   # SASRec ranks all 20 candidates: always valid, VHR@1 = HR@1; its test set is all test users
         res['rows'].append(dict(method='sasrec', hr1=sas['hr1'], valid_ratio=1.0, vhr1=sas['hr1'], n_test=sas['n_test']))
     res['references'] = reference_lines(ds, ds.test, res['budget']['eval_examples'], root)
-    curves = {r['method']: r['runs'][0]['curve'] for r in res['rows'] if r.get('runs') and r['runs'][0].get('curve')}
+    curves = compare_curves(res['rows'])
     if curves:
         n = next(iter(curves.values()))[0]['n']
         res['valid_references'] = {k: v for k, v in reference_lines(ds, ds.valid, n, root).items() if k != 'n'}
@@ -171,9 +190,17 @@ def plot_compare(rows:list, # one dict per method: method, vhr1, hr1
 
 # %% ../nbs/22_compare.ipynb #4bc448a2
 COMPARE_COLUMNS = [('hr1', 'HR@1'), ('valid_ratio', 'ValidRatio'), ('vhr1', 'VHR@1'),
-                   ('score_hr1', 'HR@1 (score mode)'),
+                   ('score_hr1', 'HR@1 (score mode)'), ('examples_seen', 'examples seen'),
                    ('steps', 'steps'), ('s_per_step', 's/step'), ('trained_s', 'training s'),
-                   ('generate_s', 'answer s (generate)'), ('n_test', 'test users')]
+                   ('budget_share', 'training / budget'), ('ms_per_answer', 'ms/answer (generate)'),
+                   ('n_test', 'test users')]
+
+def curve_modes(res:dict, # what `compare_main` returns (or its compare.json)
+               )->str:
+    "Which answer mode each method's valid curve comes from, as a sentence ('' when no run has a curve)."
+    modes = {r['method']: r.get('curve_mode') for r in res.get('runs', []) if r.get('curve_mode')}
+    if not modes: return ''
+    return ' Valid curves: ' + ', '.join(f'{m} in {mode} mode' for m, mode in modes.items()) + '.'
 
 def compare_markdown(res:dict, # what `compare_main` returns (or its compare.json)
                     )->str:
@@ -184,5 +211,6 @@ def compare_markdown(res:dict, # what `compare_main` returns (or its compare.jso
     refs = reference_rows(res.get('references'), 'method', ('hr1', 'vhr1', 'score_hr1'), valid_ratio=1.0)
     runs = '; '.join(f"{m}: {len(s)} seed{'s' * (len(s) > 1)} ({', '.join(map(str, s))})" for m, s in seeds.items())
     return spread_table(res['rows'] + refs, [('method', 'method'), *COMPARE_COLUMNS]) + \
-        f"\n\nSame budget for every LLM method: {same}, batch {b['batch_size']}, " \
+        f"\n\nTest numbers are generate mode for every method (HR@1 (score mode) where a method can also score)." \
+        f"{curve_modes(res)} Same budget for every LLM method: {same}, batch {b['batch_size']}, " \
         f"{b['train_examples']} training examples." + (f' Runs per method: {runs}.' if runs else '')

@@ -139,7 +139,7 @@ class SpeederConfig:
     checkpoint_every:int|None = 25   # a mid-stage checkpoint every n optimizer steps (None: stage ends only)
     curve_every:float|None = 60.0    # seconds of training between two points of the valid curve (None: no curve)
     curve_examples:int = 200         # valid users answered for each point of the curve
-    curve_points:int|None = None     # with `minutes`: points of the curve after the start, evenly spread (None: `curve_every`)
+    curve_points:int|None = None     # with `minutes`: points of the curve after the start, at even shares of the budget's steps (None: `curve_every`)
     order_examples:int = 100         # test users answered as is, shuffled and reversed for a run's order plot
     history_examples:int = 300       # test users of the history controls (own, another user's, a popular item's)
     keep:str = 'best'                # weights kept at the end: 'best' point of the valid curve (valid only) or 'last'
@@ -217,7 +217,7 @@ PRESETS = dict(
     tiny=dict(llm=STAND_IN, sequence_features='zeros', lora_r=4, d_model=32, n_heads=2),   # tests and CI
     train=dict(max_steps=100),                                                          # a bare `speeder train`
     demo=dict(minutes=7.5, curve_points=4, curve_examples=100, checkpoint_every=100),   # `speeder demo`, `speeder ablate`
-    compare=dict(minutes=8.0, eval_examples=300, curve_examples=100, curve_points=4),   # `speeder compare`
+    compare=dict(minutes=5.0, eval_examples=300, curve_examples=100, curve_points=4),   # `speeder compare`
     # the paper's recipe (`--recipe paper`): no training aid beyond the paper; the LM loss on the answer and PPT stay
     paper=dict(listwise_weight=0.0, spread_weight=0.0, letter_weight=0.0, token_scale='none', mpo='on',
                answer=LETTER, dense_weight=0.0),

@@ -10,7 +10,7 @@ from .config import ANSWER_MODES, JOINT, MODALITIES, SpeederConfig, SpeederError
 from .data import Split
 from .model import SpeederRecommender, PARAM_GROUPS, set_trainable
 from .answer import evaluate
-from .train import ValidCurve, fit_stages, keep_weights, stage_steps
+from .train import ValidCurve, curve_steps, fit_stages, keep_weights, stage_steps
 from .dist import log_main
 
 # %% auto #0
@@ -99,8 +99,8 @@ def train_stages(model:SpeederRecommender, # the recommender
     "Train MPO stages in order with `fit_stages` (continuing from `state`); the final state (results, history, gates, curve, kept)."
     st = state or new_stage_state(total_steps)
     steps = stage_steps(stages, st['total_steps'])
-    curve = ValidCurve(model, valid, curve_examples, curve_every, st['curve'], on_best=on_best,
-                       best_weights=best_weights) if curve_every and valid else None
+    curve = ValidCurve(model, valid, curve_examples, curve_every, st['curve'], on_best=on_best, best_weights=best_weights,
+                       at_steps=curve_steps(model.cfg, st['total_steps'])) if curve_every and valid else None
     if curve is not None and len(stages) > 1:
         curve.limit_best(stages[-1].name)   # earlier stages answer with fewer modalities than the test will
     def prepare(i, stage, n):

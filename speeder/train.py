@@ -20,7 +20,8 @@ from .answer import autocast, evaluate
 # %% auto #0
 __all__ = ['SUMMARY_KEYS', 'lr_at', 'warmup_length', 'run_lr', 'total_steps', 'training_split', 'accumulate_step', 'fit',
            'history_summary', 'plot_choice_learning', 'time_per_step', 'steps_for_minutes', 'token_stats',
-           'trained_state', 'load_trained_state', 'ValidCurve', 'Stage', 'stage_steps', 'fit_stages', 'keep_weights']
+           'trained_state', 'load_trained_state', 'ValidCurve', 'curve_steps', 'Stage', 'stage_steps', 'fit_stages',
+           'keep_weights']
 
 # %% ../nbs/16_train.ipynb #a0659fa0
 def lr_at(step:int, # 0-based optimizer step of the run
@@ -289,8 +290,10 @@ class ValidCurve:
                  n_items:int=200, # items whose tokens are measured
                  on_best=None, # called as on_best(point) when a point is the best so far (the model holds its weights)
                  best_weights:dict|None=None, # `trained_state` at the best of `points` (resume; None: not at hand)
+                 at_steps:tuple|None=None, # optimizer steps after which a point is due (`curve_steps`; None: every `every` s)
                 ):
         self.model, self.split, self.n_examples, self.every = model, split, n_examples, every
+        self.at_steps = None if at_steps is None else set(at_steps)
         self.points = list(points or [])
         self.mode = SCORE if model.prompt.can_score else GENERATE
         n_all = len(model.text_table) - 1
@@ -325,9 +328,19 @@ def add(self:ValidCurve, step:int, # optimizer steps done
 
 @patch
 def due(self:ValidCurve, seconds:float, # seconds of training done
+        step:int|None=None, # optimizer steps done (what `at_steps` is checked against)
        )->bool:
-    "Is a point due (the first one, or `every` seconds after the last)?"
-    return not self.points or seconds >= self.points[-1]['seconds'] + self.every
+    "Is a point due: the first one, then at each of `at_steps`, or (without them) `every` seconds after the last?"
+    if not self.points: return True
+    if self.at_steps is not None: return step in self.at_steps
+    return seconds >= self.points[-1]['seconds'] + self.every
+
+def curve_steps(cfg:SpeederConfig, # the run's config: a minute budget (`minutes`) and `curve_points`
+                total:int, # optimizer steps the budget came to
+               )->tuple|None:
+    "The steps at 1/n, 2/n, ..., n/n of `total` (n = `curve_points`) when minutes set the steps; None otherwise (the curve keeps to seconds)."
+    if not (cfg.minutes and cfg.curve_points): return None
+    return tuple(sorted({max(1, round(total * k / cfg.curve_points)) for k in range(1, cfg.curve_points + 1)}))
 
 @patch
 def restore_best(self:ValidCurve, model:SpeederRecommender|None=None, # where the weights go (default the curve's model)
@@ -403,7 +416,7 @@ def fit_stages(model:SpeederRecommender, # the recommender
             curve.add(0, 0.0, stage.active, stage=stage.name)
         def step_done(step, get_state, record, i=i, stage=stage, before=before, done_before=done_before):
             done, seconds = done_before + step, before + record['seconds']
-            if curve and (curve.due(seconds) or done == sum(steps)):
+            if curve and (curve.due(seconds, done) or done == sum(steps)):
                 curve.add(done, seconds, stage.active, stage=stage.name, **{k: record[k] for k in curve_keys})
             if on_step is not None:
                 on_step(i, done, step, get_state, record)

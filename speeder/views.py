@@ -4,7 +4,7 @@
 
 # %% ../nbs/24_views.ipynb #82f4f628
 from __future__ import annotations
-import fcntl, os, tempfile
+import fcntl, os, re, tempfile
 from pathlib import Path
 import numpy as np, torch
 import matplotlib.pyplot as plt
@@ -14,14 +14,15 @@ from .assets import log
 from .data import Split, Dataset, item_text, read_raw
 from .mrc import plot_modality_attention
 from .answer import recommend, reorder_histories
-from .runs import run_attention, read_run_config, METRICS
+from .runs import check_writable, run_attention, read_run_config, save_figure, METRICS
+from .spae import plot_ppl_similarity
 from .experiments import load_trained, train_main, test_row
 from .sasrec import load_sasrec, sasrec_scores
 
 # %% auto #0
-__all__ = ['EXPLORE_RUNS_ENV', 'TINY_EXPLORE', 'PICKERS', 'tiny_runs', 'explore_runs', 'ExploredRun', 'open_run',
-           'users_with_test', 'answer_user', 'plot_candidate_scores', 'plot_item_attention', 'probe_histories',
-           'position_probe', 'plot_position_probe']
+__all__ = ['EXPLORE_RUNS_ENV', 'TINY_EXPLORE', 'PICKERS', 'VIEW_FIGURES', 'USER_FOLDER', 'tiny_runs', 'explore_runs',
+           'ExploredRun', 'open_run', 'users_with_test', 'answer_user', 'plot_candidate_scores', 'plot_item_attention',
+           'probe_histories', 'position_probe', 'plot_position_probe', 'save_views']
 
 # %% ../nbs/24_views.ipynb #ce9587d4
 EXPLORE_RUNS_ENV = 'SPEEDER_EXPLORE_RUNS'   # run folders to explore, separated by os.pathsep
@@ -273,3 +274,28 @@ def plot_position_probe(probe:dict, # what position_probe returns
     ax.set_title(title or f"user {probe['user']}: answer when the history is reordered or cut ({probe['run']})",
                  fontsize=10)
     return fig
+
+# %% ../nbs/24_views.ipynb #865912f0
+VIEW_FIGURES = ('scores', 'attention', 'position', 'ppl')   # what `save_views` draws, in order (ppl: with position prompts)
+USER_FOLDER = re.compile(r'[A-Za-z0-9_-]+')   # a raw user id that may name a folder as it is
+
+def save_views(run_dir:str|Path, # a finished run folder
+               user:str, # raw user id
+               root:str|Path|None=None, # data folder (see data_root)
+              )->dict:
+    "One user's explorer figures of a run, saved as PNGs in `<run>/views/user-<user>/`: picks, target and the figures' paths."
+    if not USER_FOLDER.fullmatch(str(user)):
+        raise SpeederError(f'user {user!r}: only letters, digits, _ and - can name its views folder')
+    run = open_run(run_dir, root)
+    view = answer_user(run, str(user))   # an unknown user, or one without a test example, stops here
+    folder = check_writable(run.path/'views'/f'user-{user}')
+    figs = dict(scores=plot_candidate_scores(view), attention=plot_item_attention(run, view['history'][-1]['item']),
+                position=plot_position_probe(position_probe(run, str(user))))
+    if run.cfg.use_ppl:
+        figs['ppl'] = plot_ppl_similarity(run.model.ppl)
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = {k: str(save_figure(f, folder/f'{k}.png').relative_to(run.path)) for k, f in figs.items()}
+    picks = {k: dict(letter=view[k]['letter'], correct=view[k]['correct']) for k in PICKERS if view[k]}
+    return dict(dataset=run.ds.name, llm=str(run.cfg.llm), backbone_is_stand_in=run.stand_in, run_dir=str(run.path),
+                user=str(user), target=view['target']['title'], target_letter=view['target']['letter'], picks=picks,
+                plots=plots)
