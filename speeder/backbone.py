@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_backbone.ipynb #6f0800a7
 from __future__ import annotations
-import time, warnings
+import inspect, time, warnings
 from pathlib import Path
 import torch, torch.nn as nn
 from .config import DEFAULT_LLM, STAND_IN, SpeederError
@@ -14,7 +14,7 @@ from .encoders import model_folder, weights_fingerprint
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'PACKAGED_LLMS', 'TINY_LLAMA', 'TINY_SEED', 'TINY_EMBED_STD',
            'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm', 'check_llm', 'tiny_llm',
-           'load_backbone', 'add_lora']
+           'load_backbone', 'add_lora', 'keeps_logits']
 
 # %% ../nbs/11_backbone.ipynb #6c565a3d
 SMOLLM2 = 'smollm2-135m-instruct'                 # packaged asset of the default backbone
@@ -174,3 +174,10 @@ def add_lora(model, # a causal LM
     with warnings.catch_warnings():   # peft calls a transformers property that warns about its own deprecation
         warnings.simplefilter('ignore', FutureWarning)
         return get_peft_model(model, cfg)
+
+# %% ../nbs/11_backbone.ipynb #150c084d
+def keeps_logits(llm, # a causal LM, peft-wrapped or not
+                )->bool:
+    "Does the model's forward take `logits_to_keep` (logits of the last positions only)?"
+    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    return 'logits_to_keep' in inspect.signature(base.forward).parameters

@@ -4,7 +4,7 @@
 
 # %% ../nbs/23_bench.ipynb #041f129f
 from __future__ import annotations
-import ctypes, gc, inspect, json, time
+import ctypes, gc, json, time
 from contextlib import contextmanager
 from functools import partial
 from dataclasses import replace
@@ -29,7 +29,7 @@ from .train import fit, training_split
 from .results import markdown_table, table_cell
 from .runs import build_model, check_writable, default_run_name, run_features, runs_root, save_figure
 from .baselines import BASELINES, baseline_model
-from .backbone import add_lora, load_backbone
+from .backbone import add_lora, keeps_logits, load_backbone
 
 # %% ../nbs/23_bench.ipynb #1b953bbd
 def prompt_tokens(prompt, # a model's prompt builder (`model.prompt`)
@@ -288,8 +288,7 @@ def _keep_kw(llm, # a causal LM (peft-wrapped or not)
              n:int, # logits to compute, at the last positions
             )->dict:
     "`logits_to_keep=n` where the model's forward takes it (as `SpeederRecommender.lm` does), else nothing."
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
-    return dict(logits_to_keep=n) if 'logits_to_keep' in inspect.signature(base.forward).parameters else {}
+    return dict(logits_to_keep=n) if keeps_logits(llm) else {}
 
 def random_ids(llm, # the backbone (its vocabulary size)
                batch_size:int, # rows

@@ -32,7 +32,7 @@ def _method_row(method:str, model, ds, examples, fitted:dict, train_s:float, eva
     else:
         gen, sc = evaluate(model, ds.test, GENERATE, eval_examples), None
     cfg, hist, points = model.cfg, fitted['history'], fitted['curve']
-    trained_s = hist[-1]['seconds']
+    trained_s = sum(r['step_s'] for r in hist)   # every stage's steps (a record's `seconds` restarts with each stage)
     row = dict(method=method, seed=cfg.seed, hr1=gen['hr1'], valid_ratio=gen['valid_ratio'], vhr1=gen['vhr1'],
                n_test=gen['n'], steps=len(hist), train_examples=len(examples),
                examples_seen=len(hist) * cfg.batch_size * cfg.grad_accum, train_s=train_s, trained_s=trained_s,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_model.ipynb #00794aaf
 from __future__ import annotations
-import inspect, math
+import math
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
@@ -13,7 +13,7 @@ from .assets import first_line
 from .features import ItemFeatures
 from .mrc import MRC
 from .spae import PositionPrompt, PositionProxyHead, position_proxy_loss, spae_total_loss
-from .backbone import add_lora, load_backbone
+from .backbone import add_lora, keeps_logits, load_backbone
 from .prompt import SpeederPrompt
 
 # %% auto #0
@@ -124,7 +124,7 @@ class SpeederRecommender(nn.Module):
                              persistent=False)
         self.llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         self.prompt = prompt(tok) if prompt else SpeederPrompt(tok, cfg.n_candidates, cfg.labels)
-        self._keep_logits = 'logits_to_keep' in inspect.signature(self.llm.get_base_model().forward).parameters
+        self._keep_logits = keeps_logits(self.llm)
         self.to(device)
 
 # %% ../nbs/13_model.ipynb #970a0152
