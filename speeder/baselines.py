@@ -13,11 +13,13 @@ from .data import Split
 from .features import ItemFeatures
 from .prompt import TEXT_FORMATS, ItemTextPrompt
 from .model import SpeederRecommender, default_device, recommender_backbone, set_trainable
-from .train import Stage, ValidCurve, fit_stages, keep_weights
+import math
+from .train import Stage, ValidCurve, fit_stages, keep_weights, time_per_step
 
 # %% auto #0
 __all__ = ['FORMATS', 'BASELINE_STAGES', 'BASELINES', 'ModalityProjector', 'PromptFormat', 'baseline_stages',
-           'item_token_modality', 'baseline_config', 'trained_groups', 'baseline_model', 'train_baseline']
+           'item_token_modality', 'baseline_config', 'trained_groups', 'baseline_model', 'train_baseline',
+           'baseline_step_seconds']
 
 # %% ../nbs/20_baselines.ipynb #e287fff4
 class ModalityProjector(nn.Module):
@@ -145,3 +147,18 @@ def train_baseline(model:SpeederRecommender, # a `baseline_model`
     model.prompt = model.formats[kept['stage']]   # the prompt the kept weights answered with
     set_trainable(model, trained_groups(model))
     return hist
+
+# %% ../nbs/20_baselines.ipynb #189e0da2
+def baseline_step_seconds(model:SpeederRecommender, # a `baseline_model`
+                          examples:Split, # training examples with candidates
+                          cfg:SpeederConfig|None=None, # `calibration_steps`, shared out between the stages (default `model.cfg`)
+                         )->float:
+    "Mean seconds of one of the method's training steps: each stage timed on its own prompt, weighed by its share."
+    cfg = cfg or model.cfg
+    prompt = model.prompt
+    seconds = 0.0
+    for fmt, share in baseline_stages(model.method, cfg):
+        model.prompt = model.formats[fmt]
+        seconds += share * time_per_step(model, examples, cfg, n=max(1, math.ceil(share * cfg.calibration_steps)))
+    model.prompt = prompt
+    return seconds

@@ -12,12 +12,12 @@ from .config import DEFAULT_DATASET, DEFAULT_LLM, GENERATE, MODALITIES, SCORE, S
 from .assets import atomic_write, log
 from .data import load_dataset
 from .answer import evaluate, evaluate_both
-from .train import ValidCurve, curve_steps, total_steps, training_split
+from .train import ValidCurve, curve_steps, total_steps, trained_seconds, training_split
 from .references import reference_lines
 from .results import reference_rows, seed_row, spread_table
 from .runs import (build_model, check_writable, default_run_name, plot_curves, run_features, runs_root,
                           sasrec_metrics, save_figure)
-from .baselines import BASELINES, BASELINE_STAGES, baseline_model, train_baseline
+from .baselines import BASELINES, BASELINE_STAGES, baseline_model, baseline_step_seconds, train_baseline
 from .experiments import budget_steps, check_seeds, curve_seconds, fit_speeder, with_budget
 
 # %% auto #0
@@ -32,7 +32,7 @@ def _method_row(method:str, model, ds, examples, fitted:dict, train_s:float, eva
     else:
         gen, sc = evaluate(model, ds.test, GENERATE, eval_examples), None
     cfg, hist, points = model.cfg, fitted['history'], fitted['curve']
-    trained_s = sum(r['step_s'] for r in hist)   # every stage's steps (a record's `seconds` restarts with each stage)
+    trained_s = trained_seconds(hist)
     row = dict(method=method, seed=cfg.seed, hr1=gen['hr1'], valid_ratio=gen['valid_ratio'], vhr1=gen['vhr1'],
                n_test=gen['n'], steps=len(hist), train_examples=len(examples),
                examples_seen=len(hist) * cfg.batch_size * cfg.grad_accum, train_s=train_s, trained_s=trained_s,
@@ -56,9 +56,7 @@ def _train_speeder(ds, cfg, examples, root, json_progress, curve_every)->tuple:
 def _train_text_baseline(m, ds, feats, cfg, examples, root, json_progress, curve_every)->tuple:
     "Baseline `m` for the budget, its curve at the same shares of its own steps: as `_train_speeder`."
     model = baseline_model(m, ds, feats, cfg, root)
-    t0 = time.time()
-    steps, s_step = budget_steps(model, examples, model.cfg)
-    calibration_s = time.time() - t0
+    steps, s_step, calibration_s = budget_steps(model, examples, model.cfg, timer=baseline_step_seconds)
     curve = ValidCurve(model, ds.valid, cfg.curve_examples, curve_every,
                        at_steps=curve_steps(model.cfg, steps)) if curve_every else None
     hist = train_baseline(model, examples, steps, json_progress, curve=curve)

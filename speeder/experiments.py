@@ -36,12 +36,15 @@ __all__ = ['RECIPES', 'SWITCHES', 'ABLATIONS', 'STUDY', 'ABLATION_COLUMNS', 'ABL
 def budget_steps(model:SpeederRecommender, # the model to train (its steps are timed when `cfg.minutes` is set)
                  examples:Split, # training examples with candidates
                  cfg:SpeederConfig|None=None, # the budget (default `model.cfg`)
+                 timer=time_per_step, # called as timer(model, examples, cfg): seconds per step (a baseline's: per stage)
                 )->tuple:
-    "(steps, seconds per step): from `cfg.minutes` by timing this model's steps, else from max_steps/epochs (None)."
+    ("(steps, seconds per step, seconds the calibration took): from `cfg.minutes` by timing this model's steps, "
+     "else from max_steps/epochs (None, 0).")
     cfg = cfg or model.cfg
-    if not cfg.minutes: return total_steps(cfg, len(examples)), None
-    s = time_per_step(model, examples, cfg)
-    return steps_for_minutes(cfg.minutes, s), s
+    if not cfg.minutes: return total_steps(cfg, len(examples)), None, 0.0
+    t0 = time.time()
+    s = timer(model, examples, cfg)
+    return steps_for_minutes(cfg.minutes, s), s, time.time() - t0
 
 def curve_seconds(cfg:SpeederConfig, # the run's config
                  )->float|None:
@@ -90,9 +93,7 @@ def fit_speeder(model:SpeederRecommender, # from `build_model`
     stages, notes = mpo_stages(cfg.modalities, ds.info.get('n_items_with_image', 0) > 0, cfg.mpo_order, cfg.mpo, cfg)
     for n in notes:
         log_main(n)
-    t0 = time.time()
-    total, s_step = (state['total_steps'], None) if state is not None else budget_steps(model, examples, cfg)
-    calibration_s = time.time() - t0
+    total, s_step, calibration_s = (state['total_steps'], None, 0.0) if state is not None else budget_steps(model, examples, cfg)
     if s_step:
         log_main(f'{s_step:.2f} s per training step: {total} steps fill {cfg.minutes} minutes')
     done = len(state['history']) + len((state['fit_state'] or {}).get('history', [])) if state is not None else 0

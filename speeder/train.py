@@ -19,9 +19,9 @@ from .answer import autocast, evaluate
 
 # %% auto #0
 __all__ = ['SUMMARY_KEYS', 'lr_at', 'warmup_length', 'run_lr', 'total_steps', 'training_split', 'accumulate_step', 'fit',
-           'history_summary', 'plot_choice_learning', 'time_per_step', 'steps_for_minutes', 'token_stats',
-           'trained_state', 'load_trained_state', 'ValidCurve', 'curve_steps', 'Stage', 'stage_steps', 'fit_stages',
-           'keep_weights']
+           'history_summary', 'plot_choice_learning', 'time_per_step', 'steps_for_minutes', 'trained_seconds',
+           'token_stats', 'trained_state', 'load_trained_state', 'ValidCurve', 'curve_steps', 'Stage', 'stage_steps',
+           'fit_stages', 'keep_weights']
 
 # %% ../nbs/16_train.ipynb #a0659fa0
 def lr_at(step:int, # 0-based optimizer step of the run
@@ -209,7 +209,7 @@ def time_per_step(model:SpeederRecommender, # the recommender, with what trains 
                   n:int|None=None, # timed steps, after one untimed step (default `cfg.calibration_steps`)
                   active:tuple|None=None, # modalities MRC uses
                  )->float:
-    "Median seconds of one training step (`grad_accum` batches, clipping, an AdamW step at lr 0), changing nothing."
+    "Mean seconds of one training step (`grad_accum` batches, clipping, an AdamW step at lr 0), changing nothing."
     cfg = cfg or model.cfg
     n = n or cfg.calibration_steps
     idx = np.random.default_rng(cfg.seed).permutation(len(examples))
@@ -237,13 +237,18 @@ def time_per_step(model:SpeederRecommender, # the recommender, with what trains 
                 times.append(time.time() - t0)
         model.zero_grad(set_to_none=True)
         model.eval()
-    return mean_over_ranks(dict(s=float(np.median(times))))['s']
+    return mean_over_ranks(dict(s=float(np.mean(times))))['s']
 
 def steps_for_minutes(minutes:float, # training time to fill
                       seconds_per_step:float, # from `time_per_step`
                      )->int:
-    "Optimizer steps that fill `minutes` of training (at least one)."
-    return max(1, int(minutes * 60 / seconds_per_step))
+    "Optimizer steps that fill `minutes` of training most closely (at least one)."
+    return max(1, round(minutes * 60 / seconds_per_step))
+
+def trained_seconds(history:list, # every step's record of a run, all its stages
+                   )->float:
+    "The training clock of a run: the sum of its steps' seconds (a record's `seconds` restarts with each stage)."
+    return sum(r['step_s'] for r in history)
 
 # %% ../nbs/16_train.ipynb #034ac224
 @torch.no_grad()
@@ -411,7 +416,7 @@ def fit_stages(model:SpeederRecommender, # the recommender
         stage, state = stages[i], fit_state if i == start else None
         params = prepare(i, stage, steps[i])
         cfg = replace(model.cfg, max_steps=steps[i], lr=stage.lr or model.cfg.lr, seed=model.cfg.seed + i)
-        before, done_before = sum(r['step_s'] for r in history), sum(steps[:i])   # seconds and steps of earlier stages
+        before, done_before = trained_seconds(history), sum(steps[:i])   # seconds and steps of earlier stages
         if curve and curve.due(0.0) and done_before + (len(state['history']) if state else 0) == 0:
             curve.add(0, 0.0, stage.active, stage=stage.name)
         def step_done(step, get_state, record, i=i, stage=stage, before=before, done_before=done_before):
@@ -440,7 +445,7 @@ def keep_weights(model:SpeederRecommender, # the trained recommender
     if keep not in ('best', 'last'): raise SpeederError(f"keep={keep!r}: use 'best' or 'last'")
     steps = len(history)
     end = curve.points[-1] if curve is not None and curve.points else None
-    kept = dict(step=steps, seconds=sum(r['step_s'] for r in history),
+    kept = dict(step=steps, seconds=trained_seconds(history),
                 hr1=end['hr1'] if end and end['step'] == steps else None, rule='last',
                 stage=history[-1].get('stage') if history else None)
     if keep == 'best' and curve is not None and curve.best is not None:

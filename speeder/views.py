@@ -20,9 +20,9 @@ from .experiments import load_trained, train_main, test_row
 from .sasrec import load_sasrec, sasrec_scores
 
 # %% auto #0
-__all__ = ['EXPLORE_RUNS_ENV', 'TINY_EXPLORE', 'PICKERS', 'VIEW_FIGURES', 'USER_FOLDER', 'tiny_runs', 'explore_runs',
-           'ExploredRun', 'open_run', 'users_with_test', 'answer_user', 'plot_candidate_scores', 'plot_item_attention',
-           'probe_histories', 'position_probe', 'plot_position_probe', 'save_views']
+__all__ = ['EXPLORE_RUNS_ENV', 'TINY_EXPLORE', 'PICKERS', 'USER_FOLDER', 'tiny_runs', 'explore_runs', 'ExploredRun', 'open_run',
+           'users_with_test', 'answer_user', 'plot_candidate_scores', 'plot_item_attention', 'probe_histories',
+           'position_probe', 'plot_position_probe', 'save_views']
 
 # %% ../nbs/24_views.ipynb #ce9587d4
 EXPLORE_RUNS_ENV = 'SPEEDER_EXPLORE_RUNS'   # run folders to explore, separated by os.pathsep
@@ -276,7 +276,6 @@ def plot_position_probe(probe:dict, # what position_probe returns
     return fig
 
 # %% ../nbs/24_views.ipynb #865912f0
-VIEW_FIGURES = ('scores', 'attention', 'position', 'ppl')   # what `save_views` draws, in order (ppl: with position prompts)
 USER_FOLDER = re.compile(r'[A-Za-z0-9_-]+')   # a raw user id that may name a folder as it is
 
 def save_views(run_dir:str|Path, # a finished run folder
