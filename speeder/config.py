@@ -107,7 +107,7 @@ class SpeederConfig:
     listwise_layer:float = 0.5       # the hidden state the listwise head reads, as a fraction of the LLM's depth
     answer:str = LETTER              # 'letter': the LLM names a candidate's letter (the paper); 'item': an item head matches the answer position's hidden state with the candidates' item tokens (beyond the paper)
     item_weight:float = 1.0          # weight of the item head's cross-entropy over the candidates (with answer='item')
-    dense_weight:float = 1.0         # weight of a next-item loss at every history position, through the item head over all items (a training aid beyond the paper; 0: off)
+    dense_weight:float = 2.0         # weight of a next-item loss at every history position, through the item head over all items (a training aid beyond the paper; 0: off)
     # MPO
     mpo:str = 'auto'                 # the curriculum: 'on', 'off' (one joint stage), 'auto' (on when items have images)
     mpo_order:tuple = MODALITIES     # order in which modalities are introduced

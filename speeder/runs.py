@@ -335,7 +335,7 @@ def plot_curves(curves:dict, # name -> `ValidCurve` points (each with seconds an
     ax.set_ylabel('HR@1')
     ax.set_ylim(0, None)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc='lower right')
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False)   # beside the axes: it hides no curve
     fig.tight_layout()
     return fig
 
