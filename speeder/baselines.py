@@ -4,6 +4,7 @@
 
 # %% ../nbs/20_baselines.ipynb #50e0ccd2
 from __future__ import annotations
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 import torch, torch.nn as nn
@@ -13,7 +14,6 @@ from .data import Split
 from .features import ItemFeatures
 from .prompt import TEXT_FORMATS, ItemTextPrompt
 from .model import SpeederRecommender, default_device, recommender_backbone, set_trainable
-import math
 from .train import Stage, ValidCurve, fit_stages, keep_weights, time_per_step
 
 # %% auto #0
