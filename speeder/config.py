@@ -127,7 +127,8 @@ class SpeederConfig:
     epochs:int = 1                   # passes over the training examples when max_steps is None
     max_steps:int|None = None        # optimizer steps of the run, all stages together (None: from epochs)
     minutes:float|None = None        # train this many minutes: steps follow from timing a few (overrides max_steps)
-    calibration_steps:int = 8        # timed steps that size a minute budget (after one untimed step)
+    calibration_steps:int = 8        # timed steps that size a minute budget (after `calibration_warmup` untimed ones)
+    calibration_warmup:int = 1       # untimed steps before the calibration's timed ones (a fresh model's first steps are slower)
     train_examples:int|None = 20000  # random subsample of the training examples (None: all)
     grad_clip:float = 1.0            # clip the gradient norm to this
     seed:int = 0                     # seed of the data order, the initialisation, dropout and PPT pairs
@@ -217,7 +218,8 @@ PRESETS = dict(
     tiny=dict(llm=STAND_IN, sequence_features='zeros', lora_r=4, d_model=32, n_heads=2),   # tests and CI
     train=dict(max_steps=100),                                                          # a bare `speeder train`
     demo=dict(minutes=7.5, curve_points=4, curve_examples=100, checkpoint_every=100),   # `speeder demo`, `speeder ablate`
-    compare=dict(minutes=5.0, eval_examples=300, curve_examples=100, curve_points=4),   # `speeder compare`
+    compare=dict(minutes=5.0, eval_examples=300, curve_examples=100, curve_points=4,   # `speeder compare`
+                 calibration_warmup=10),   # a text baseline's ~400-token steps settle only after ~10 (22_compare)
     # the paper's recipe (`--recipe paper`): no training aid beyond the paper; the LM loss on the answer and PPT stay
     paper=dict(listwise_weight=0.0, spread_weight=0.0, letter_weight=0.0, token_scale='none', mpo='on',
                answer=LETTER, dense_weight=0.0),

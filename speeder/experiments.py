@@ -347,7 +347,8 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'drop-modality-0.5': dict(drop_modality=0.5),
              'item': dict(answer=ITEM, dense_weight=0.0), 'item-dense': dict(answer=ITEM, dense_weight=1.0),
              'dense': dict(dense_weight=1.0), 'no-dense': dict(dense_weight=0.0),
-             'dense-2': dict(dense_weight=2.0), 'lr-5e-4': dict(lr=5e-4), 'ppt-0.5': dict(ppt_weight=0.5)}
+             'dense-2': dict(dense_weight=2.0), 'lr-5e-4': dict(lr=5e-4), 'ppt-0.5': dict(ppt_weight=0.5),
+             'item-dense-2': dict(answer=ITEM, dense_weight=2.0)}
 STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1

@@ -206,7 +206,7 @@ def plot_choice_learning(history:list, # per-step records or `history_summary` (
 def time_per_step(model:SpeederRecommender, # the recommender, with what trains set trainable
                   examples:Split, # training examples with candidates
                   cfg:SpeederConfig|None=None, # batch settings (default `model.cfg`)
-                  n:int|None=None, # timed steps, after one untimed step (default `cfg.calibration_steps`)
+                  n:int|None=None, # timed steps, after `cfg.calibration_warmup` untimed ones (default `cfg.calibration_steps`)
                   active:tuple|None=None, # modalities MRC uses
                  )->float:
     "Mean seconds of one training step (`grad_accum` batches, clipping, an AdamW step at lr 0), changing nothing."
@@ -220,7 +220,7 @@ def time_per_step(model:SpeederRecommender, # the recommender, with what trains 
     times = []
     with torch.random.fork_rng(devices=[model.device] if model.device.type == 'cuda' else []):
         model.train()
-        for i in range(n + 1):
+        for i in range(cfg.calibration_warmup + n):
             t0 = time.time()
             for a in range(cfg.grad_accum):
                 rows = idx[((i * cfg.grad_accum + a) * cfg.batch_size) % len(idx):][:cfg.batch_size]
@@ -233,7 +233,7 @@ def time_per_step(model:SpeederRecommender, # the recommender, with what trains 
             opt.zero_grad(set_to_none=True)
             if model.device.type == 'cuda':
                 torch.cuda.synchronize(model.device)
-            if i:
+            if i >= cfg.calibration_warmup:
                 times.append(time.time() - t0)
         model.zero_grad(set_to_none=True)
         model.eval()
