@@ -37,7 +37,7 @@ AT_LEAST = dict(lora_r=1, d_model=1, n_blocks=1, n_heads=1, max_history=2, n_can
                 grad_accum=1, epochs=1, max_steps=1, train_examples=1, eval_examples=1, eval_batch_size=1,
                 max_new_tokens=1, checkpoint_every=1, valid_examples=0, warmup_steps=0, seed=0, curve_examples=1,
                 curve_points=1, order_examples=1, bench_steps=1, bench_warmup=0, bench_calls=1, calibration_steps=1,
-                history_examples=2)
+                calibration_warmup=0, history_examples=2)
 ABOVE_ZERO = ('lr', 'grad_clip', 'lora_alpha', 'item_lr', 'minutes', 'curve_every')   # numbers that must be > 0
 NOT_NEGATIVE = ('weight_decay', 'ppt_weight', 'listwise_weight', 'spread_weight', 'letter_weight', 'item_weight',
                 'dense_weight')   # >= 0
@@ -128,7 +128,7 @@ class SpeederConfig:
     max_steps:int|None = None        # optimizer steps of the run, all stages together (None: from epochs)
     minutes:float|None = None        # train this many minutes: steps follow from timing a few (overrides max_steps)
     calibration_steps:int = 8        # timed steps that size a minute budget (after `calibration_warmup` untimed ones)
-    calibration_warmup:int = 1       # untimed steps before the calibration's timed ones (a fresh model's first steps are slower)
+    calibration_warmup:int = 1       # untimed steps before the calibration's timed ones (a fresh process's first steps are slower)
     train_examples:int|None = 20000  # random subsample of the training examples (None: all)
     grad_clip:float = 1.0            # clip the gradient norm to this
     seed:int = 0                     # seed of the data order, the initialisation, dropout and PPT pairs
@@ -219,7 +219,7 @@ PRESETS = dict(
     train=dict(max_steps=100),                                                          # a bare `speeder train`
     demo=dict(minutes=7.5, curve_points=4, curve_examples=100, checkpoint_every=100),   # `speeder demo`, `speeder ablate`
     compare=dict(minutes=5.0, eval_examples=300, curve_examples=100, curve_points=4,   # `speeder compare`
-                 calibration_warmup=10),   # a text baseline's ~400-token steps settle only after ~10 (22_compare)
+                 calibration_warmup=10),   # a text baseline's ~400-token steps settle only after ~10 (16_train)
     # the paper's recipe (`--recipe paper`): no training aid beyond the paper; the LM loss on the answer and PPT stay
     paper=dict(listwise_weight=0.0, spread_weight=0.0, letter_weight=0.0, token_scale='none', mpo='on',
                answer=LETTER, dense_weight=0.0),
