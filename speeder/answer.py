@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import numpy as np
 import torch
-from .config import ANSWER_MODES, GENERATE, ITEM, SCORE, SpeederError
+from .config import ANSWER_MODES, GENERATE, ITEM_HEADS, SCORE, SpeederError
 from .assets import progress
 from .data import Split
 from .metrics import generation_metrics, scorer_metrics
@@ -44,11 +44,11 @@ def _check_scores(model:SpeederRecommender):
 def _prompt_pass(model:SpeederRecommender, batch:dict, active, use_cache:bool=False):
     "The forward pass over the prompts both modes start from (with the hidden states when the item head answers)."
     return model.lm(model.embed(batch, active), batch, keep=1, use_cache=use_cache,
-                    output_hidden_states=model.cfg.answer == ITEM)
+                    output_hidden_states=model.cfg.answer in ITEM_HEADS)
 
 def _choice_scores(model:SpeederRecommender, out, batch:dict, active)->torch.Tensor:
     "`(B, C)` log-probabilities of the candidates from a prompt pass: the item head's (answer='item') or the letters'."
-    if model.cfg.answer != ITEM: return _letter_scores(model, out)
+    if model.cfg.answer not in ITEM_HEADS: return _letter_scores(model, out)
     return model.item_scores(model.answer_hidden(out, batch), batch['candidates'], active).log_softmax(-1).cpu()
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ def _answer_tokens(model:SpeederRecommender, max_new_tokens:int|None, batch:dict
 
 def _generated(model:SpeederRecommender, out, batch:dict, active, n:int, stop_at_eos:bool=True)->list[str]:
     "Generate mode's answers from a prompt pass: decoded tokens, or (answer='item') the item head's top candidate's letter."
-    if model.cfg.answer != ITEM: return _decode(model, out, batch, n, stop_at_eos)
+    if model.cfg.answer not in ITEM_HEADS: return _decode(model, out, batch, n, stop_at_eos)
     return [model.prompt.labels[k] for k in _choice_scores(model, out, batch, active).argmax(1).tolist()]
 
 @torch.no_grad()
@@ -97,7 +97,7 @@ def generate_answers(model:SpeederRecommender, # the recommender
                      stop_at_eos:bool=True, # False: always decode `max_new_tokens` tokens (benchmarks)
                     )->list[str]:
     "Greedy answers (KV cache, stops at the end token), decoded without special tokens; the item head writes its letter."
-    out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer != ITEM)
+    out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer not in ITEM_HEADS)
     return _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens, batch), stop_at_eos)
 
 # %% ../nbs/14_answer.ipynb #d4b1a002
@@ -110,7 +110,7 @@ def answer_both(model:SpeederRecommender, # the recommender (its prompt must hav
     "Score and generate from ONE pass over the prompts: (letter log-probabilities `(B, C)`, answers, seconds of the pass)."
     _check_scores(model)
     t0 = time.time()
-    out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer != ITEM)
+    out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer not in ITEM_HEADS)
     scores = _choice_scores(model, out, batch, active)   # on the CPU: the pass has finished
     pass_s = time.time() - t0
     return scores, _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens, batch)), pass_s

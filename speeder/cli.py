@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, json, os, re, subprocess, sys, time, traceback
 from functools import cache
 from pathlib import Path
-from .config import (ANSWER_MODES, DEFAULT_DATASET, DEFAULT_LLM, GENERATE, PRESETS, SPEEDER, SpeederConfig,
+from .config import (ANSWER_HEADS, ANSWER_MODES, DEFAULT_DATASET, DEFAULT_LLM, GENERATE, PRESETS, SPEEDER, SpeederConfig,
                             SpeederError)
 from .assets import assets_status, atomic_write, fetch_asset, log, project_root
 from .data import prepare_dataset
@@ -108,7 +108,7 @@ def cmd_evaluate(args, # the parsed command line
                 )->dict:
     "speeder evaluate: metrics of a trained run on the saved test candidates."
     from speeder.experiments import evaluate_main
-    return evaluate_main(args.run_dir, args.mode, args.eval_examples, args.data_dir)
+    return evaluate_main(args.run_dir, args.mode, args.eval_examples, args.data_dir, args.answer)
 
 def cmd_recommend(args, # the parsed command line
                  )->dict:
@@ -279,6 +279,8 @@ def _add_run_parsers(add):
     p.add_argument('run_dir', help='a finished run folder')
     p.add_argument('--mode', choices=ANSWER_MODES, default=GENERATE, help='answer mode')
     p.add_argument('--eval-examples', type=int, default=None, help='first n test examples (default: all)')
+    p.add_argument('--answer', choices=ANSWER_HEADS, default=None,
+                   help="answer with this head instead of the run's own; an item head needs a run that trained it (default: the run's own)")
     p = add('recommend', "show one user's history, candidates and the model's pick", cmd_recommend)
     p.add_argument('run_dir', help='a finished run folder')
     p.add_argument('--user', required=True, help='raw user id (required; no default)')

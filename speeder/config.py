@@ -11,9 +11,9 @@ import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['MODALITIES', 'LABELS', 'SCORE', 'GENERATE', 'ANSWER_MODES', 'LETTER', 'ITEM', 'ANSWER_HEADS', 'STAND_IN',
-           'DEFAULT_LLM', 'DEFAULT_DATASET', 'SPEEDER', 'JOINT', 'TYPE_WORDS', 'AT_LEAST', 'ABOVE_ZERO', 'NOT_NEGATIVE',
-           'FRACTIONS', 'CHOICES', 'PRESETS', 'SpeederError', 'SpeederConfig', 'preset_settings']
+__all__ = ['MODALITIES', 'LABELS', 'SCORE', 'GENERATE', 'ANSWER_MODES', 'LETTER', 'ITEM', 'NEXT', 'ANSWER_HEADS', 'ITEM_HEADS',
+           'STAND_IN', 'DEFAULT_LLM', 'DEFAULT_DATASET', 'SPEEDER', 'JOINT', 'TYPE_WORDS', 'AT_LEAST', 'ABOVE_ZERO',
+           'NOT_NEGATIVE', 'FRACTIONS', 'CHOICES', 'PRESETS', 'SpeederError', 'SpeederConfig', 'preset_settings']
 
 # %% ../nbs/00_config.ipynb #60c0741f
 class SpeederError(Exception):
@@ -23,8 +23,9 @@ MODALITIES = ('text', 'vision', 'sequence')   # token order inside MoME; text is
 LABELS = 'BCDEFGHJKLMNOPQRSTUV'               # candidate labels: 20 one-token capital letters, no English words (A, I)
 SCORE, GENERATE = 'score', 'generate'         # the two answer modes
 ANSWER_MODES = (SCORE, GENERATE)
-LETTER, ITEM = 'letter', 'item'               # answer heads: the LLM names a letter (the paper), or an item head picks
-ANSWER_HEADS = (LETTER, ITEM)
+LETTER, ITEM, NEXT = 'letter', 'item', 'next'   # answer heads: the LLM names a letter (the paper), or the item head picks
+ANSWER_HEADS = (LETTER, ITEM, NEXT)            # ... reading the answer position (item) or the last history item (next)
+ITEM_HEADS = (ITEM, NEXT)                      # the answer heads that answer through the item head
 STAND_IN = 'tiny'                             # the random test stand-in backbone (never a result)
 DEFAULT_LLM = 'smollm2'                       # the packaged default backbone, SmolLM2-135M-Instruct
 DEFAULT_DATASET = 'ml-100k'                   # the packaged default dataset, MovieLens-100k
@@ -93,6 +94,7 @@ class SpeederConfig:
     drop_modality:float = 0.0        # each item's non-text modalities masked with this probability (fixed per item)
     sequence_features:str = 'sasrec' # 'sasrec' (train it if needed) or 'zeros'
     token_scale:str = 'rms'          # 'rms': every item token at the word embeddings' RMS; 'none': MRC's raw output
+    sequence_skip:bool = False       # a linear skip from the SASRec features to the item token, orthogonal at init (beyond the paper)
     # SPAE and prompt
     max_history:int = 10             # history slots = number of position prompts
     n_candidates:int = 20            # candidates per prompt (must match the dataset's saved candidate sets)
@@ -105,7 +107,7 @@ class SpeederConfig:
     spread_weight:float = 1.0        # weight of the spread loss that keeps the batch's item tokens apart (0: off)
     letter_weight:float = 1.0        # weight of the cross-entropy over the 20 letters at the answer position (0: off)
     listwise_layer:float = 0.5       # the hidden state the listwise head reads, as a fraction of the LLM's depth
-    answer:str = LETTER              # 'letter': the LLM names a candidate's letter (the paper); 'item': an item head matches the answer position's hidden state with the candidates' item tokens (beyond the paper)
+    answer:str = LETTER              # 'letter': the LLM names a candidate's letter (the paper); 'item': an item head matches the answer position's hidden state with the candidates' item tokens; 'next': the same head reads the last history item's hidden state, the dense loss's next-item prediction (both beyond the paper)
     item_weight:float = 1.0          # weight of the item head's cross-entropy over the candidates (with answer='item')
     dense_weight:float = 2.0         # weight of a next-item loss at every history position, through the item head over all items (a training aid beyond the paper; 0: off)
     # MPO
@@ -187,8 +189,10 @@ def _check_choices(self:SpeederConfig):
     if len(self.labels) < self.n_candidates:
         raise SpeederError(f'{self.n_candidates} candidates need as many labels; got {self.labels!r}')
     if not self.lora_targets: raise SpeederError('lora_targets must name at least one linear layer')
-    if self.answer == ITEM and self.item_weight == 0 and self.dense_weight == 0:
-        raise SpeederError("answer='item' needs item_weight or dense_weight above 0 (the item head would never train)")
+    if self.answer in ITEM_HEADS and self.item_weight == 0 and self.dense_weight == 0:
+        raise SpeederError(f"answer={self.answer!r} needs item_weight or dense_weight above 0 (the item head would never train)")
+    if self.sequence_skip and 'sequence' not in self.modalities:
+        raise SpeederError("sequence_skip needs 'sequence' in modalities (the skip reads the SASRec features)")
 
 # %% ../nbs/00_config.ipynb #0fd5f0d0
 @patch

@@ -6,10 +6,11 @@
 from __future__ import annotations
 import json, shutil, time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 import numpy as np
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from .config import (DEFAULT_DATASET, DEFAULT_LLM, GENERATE, ITEM, PRESETS, SCORE, SPEEDER, SpeederConfig,
+from .config import (DEFAULT_DATASET, DEFAULT_LLM, GENERATE, ITEM, ITEM_HEADS, NEXT, PRESETS, SCORE, SPEEDER, SpeederConfig,
                             SpeederError, preset_settings)
 from .assets import atomic_write, first_line, log, progress
 from .data import Split, item_text, load_dataset
@@ -19,7 +20,7 @@ from .model import SpeederRecommender, load_weights, save_weights
 from .answer import check_mode, evaluate, evaluate_both, recommend
 from .train import history_summary, steps_for_minutes, time_per_step, total_steps, training_split
 from .mpo import mpo_stages, train_stages
-from .references import REFERENCE_NAMES, history_controls, reference_lines
+from .references import REFERENCE_NAMES, first_examples, history_controls, reference_lines
 from .results import reference_rows, seed_row, spread_table
 from .runs import (HISTORY, METRICS, build_model, check_dataset_fits, check_images_folder, check_writable,
                           create_run, default_run_name, final_folder, latest_checkpoint, load_checkpoint, load_kept,
@@ -29,7 +30,7 @@ from .runs import (HISTORY, METRICS, build_model, check_dataset_fits, check_imag
 # %% auto #0
 __all__ = ['RECIPES', 'SWITCHES', 'ABLATIONS', 'STUDY', 'ABLATION_COLUMNS', 'ABLATION_KEYS', 'budget_steps', 'curve_seconds',
            'counted_steps', 'timed', 'fit_speeder', 'finish_run', 'train_main', 'recipe_settings', 'with_budget',
-           'demo_main', 'load_trained', 'evaluate_main', 'test_row', 'recommend_main', 'plot_ablation',
+           'demo_main', 'load_trained', 'answered_by', 'evaluate_main', 'test_row', 'recommend_main', 'plot_ablation',
            'ablation_markdown', 'plot_seed_runs', 'check_seeds', 'ablation_run', 'ablate_main']
 
 # %% ../nbs/21_experiments.ipynb #96194b2f
@@ -293,18 +294,34 @@ def load_trained(run_dir:str|Path, # a finished run folder
     load_weights(model, run)
     return model.eval(), ds, cfg
 
+def answered_by(cfg:SpeederConfig, # a trained run's config
+                answer:str, # the answer head to use: 'letter', 'item' or 'next'
+               )->SpeederConfig:
+    "The run's config answering with `answer`; an item head answers only for a run that trained the item head."
+    trained = cfg.answer in ITEM_HEADS or cfg.dense_weight > 0
+    if answer in ITEM_HEADS and not trained:
+        raise SpeederError(f'this run never trained the item head (answer={cfg.answer!r}, dense_weight=0), '
+                           f'so it cannot answer with answer={answer!r}')
+    return replace(cfg, answer=answer)
+
 def evaluate_main(run_dir:str|Path, # a finished run folder
                   mode:str=GENERATE, # 'generate' or 'score'
                   eval_examples:int|None=None, # first n test examples (None: all)
                   root:str|Path|None=None, # data folder
+                  answer:str|None=None, # answer with this head instead of the run's own ('letter', 'item', 'next'; None: the run's)
                  )->dict:
-    "Metrics of a trained run on the saved test candidates."
+    "Metrics of a trained run on the saved test candidates, answered by its own head or by `answer`."
     check_mode(mode)
     if eval_examples is not None and eval_examples < 1:
         raise SpeederError(f'--eval-examples must be at least 1, got {eval_examples}')
+    if answer is not None:
+        answered_by(read_run_config(Path(run_dir)), answer)   # checked before anything loads
     model, ds, cfg = load_trained(run_dir, root)
+    if answer is not None:
+        model.cfg = answered_by(cfg, answer)
     m = evaluate(model, ds.test, mode, eval_examples)
-    return dict(run_dir=str(run_dir), dataset=ds.name, llm=cfg.llm, backbone_is_stand_in=model.is_stand_in, **m)
+    return dict(run_dir=str(run_dir), dataset=ds.name, llm=cfg.llm, backbone_is_stand_in=model.is_stand_in,
+                answer=model.cfg.answer, **m)
 
 # %% ../nbs/21_experiments.ipynb #879414d2
 def test_row(ds, # a processed `Dataset`
@@ -348,7 +365,8 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'item': dict(answer=ITEM, dense_weight=0.0), 'item-dense': dict(answer=ITEM, dense_weight=1.0),
              'dense': dict(dense_weight=1.0), 'no-dense': dict(dense_weight=0.0),
              'dense-2': dict(dense_weight=2.0), 'lr-5e-4': dict(lr=5e-4), 'ppt-0.5': dict(ppt_weight=0.5),
-             'item-dense-2': dict(answer=ITEM, dense_weight=2.0)}
+             'item-dense-2': dict(answer=ITEM, dense_weight=2.0), 'sequence-skip': dict(sequence_skip=True),
+             'next': dict(answer=NEXT, item_weight=0.0)}   # the default's training, answered at the last history item
 STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1

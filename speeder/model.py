@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
-from .config import ITEM, MODALITIES, STAND_IN, SpeederConfig, SpeederError
+from .config import ITEM_HEADS, MODALITIES, NEXT, STAND_IN, SpeederConfig, SpeederError
 from .assets import first_line
 from .features import ItemFeatures
 from .mrc import MRC
@@ -112,7 +112,8 @@ class SpeederRecommender(nn.Module):
         llm, tok = backbone
         self.is_stand_in, self.hidden = cfg.llm == STAND_IN, llm.config.hidden_size
         torch.manual_seed(cfg.seed)
-        self.mrc = item_encoder or MRC(features.dims, cfg.d_model, self.hidden, cfg.n_blocks, cfg.n_heads, cfg.dropout)
+        self.mrc = item_encoder or MRC(features.dims, cfg.d_model, self.hidden, cfg.n_blocks, cfg.n_heads, cfg.dropout,
+                                       sequence_skip=cfg.sequence_skip)
         self.ppl = PositionPrompt(cfg.max_history, self.hidden)
         self.ppt_head = PositionProxyHead(self.hidden, cfg.max_history)
         self.listwise_head = ListwiseHead(self.hidden)
@@ -260,8 +261,11 @@ def ppt_terms(self:SpeederRecommender, out, # the LLM's output, with hidden stat
 def answer_hidden(self:SpeederRecommender, out, # the LLM's output, with hidden states
                   batch:dict, # the batch (its answer is the last `n_answer` positions; none when answering)
                  )->torch.Tensor:
-    "(B, hidden): the last layer's hidden state at the answer position (the prompt's last token)."
-    return out.hidden_states[-1][:, -(batch['n_answer'] + 1)]
+    "(B, hidden): the last layer's hidden state where the item head answers: the prompt's last token, or the last history item (answer='next')."
+    if self.cfg.answer != NEXT: return out.hidden_states[-1][:, -(batch['n_answer'] + 1)]
+    last = batch['hist_pos'][:, -1:].to(self.device)   # histories are left-padded: the newest item is in the last slot
+    if (last < 0).any(): raise SpeederError("answer='next' reads the last history item: every user needs a history")
+    return gather_positions(out.hidden_states[-1], last)[:, 0]
 
 @patch
 def item_scores(self:SpeederRecommender, hidden:torch.Tensor, # (B, hidden) hidden states at the answer position
@@ -298,7 +302,7 @@ def forward(self:SpeederRecommender, batch:dict, # `SpeederPrompt.batch(..., tar
     if not A: raise SpeederError('forward needs a batch built with targets (the answer is what the LM loss is on)')
     listwise = cfg.listwise_weight > 0 and bool((batch['label_pos'] >= 0).all())   # text prompts have no letters
     has_items = bool((batch['cand_pos'] >= 0).all())   # text prompts have no item tokens to match
-    item = has_items and cfg.answer == ITEM and cfg.item_weight > 0
+    item = has_items and cfg.answer in ITEM_HEADS and cfg.item_weight > 0
     dense = has_items and cfg.dense_weight > 0
     out = self.lm(self.embed(batch, active), batch, keep=A + 1,
                   output_hidden_states=cfg.use_ppt or listwise or item or dense)
@@ -372,7 +376,7 @@ def loaded_modules(cfg:SpeederConfig, # the model's config
                    saved, # the names of the modules a saved state holds
                   )->list:
     "The `TRAINED_MODULES` to load: all, but a later module only when saved or when the config uses it (then it must be)."
-    uses = cfg.answer == ITEM or cfg.dense_weight > 0   # only the item head is later so far
+    uses = cfg.answer in ITEM_HEADS or cfg.dense_weight > 0   # only the item head is later so far
     return [k for k in TRAINED_MODULES if k in saved or k not in LATER_MODULES or uses]
 
 def load_weights(model:SpeederRecommender, # a model built with the same config

@@ -12,8 +12,8 @@ from .config import SpeederError
 from .config import MODALITIES
 
 # %% auto #0
-__all__ = ['ModalityAdapter', 'ModalityAttention', 'ModalityExpert', 'MoMEBlock', 'MoME', 'pooling_weights', 'MRC', 'item_inputs',
-           'plot_modality_attention', 'modality_contributions', 'plot_modality_contributions']
+__all__ = ['ModalityAdapter', 'ModalityAttention', 'ModalityExpert', 'MoMEBlock', 'MoME', 'pooling_weights', 'sequence_skip_map',
+           'MRC', 'item_inputs', 'plot_modality_attention', 'modality_contributions', 'plot_modality_contributions']
 
 # %% ../nbs/08_mrc.ipynb #9b82c4c8
 class ModalityAdapter(nn.Module):
@@ -152,6 +152,19 @@ def pooling_weights(present:torch.Tensor, # (B, M) bool
     t = tau[:, None]
     return torch.where(is_v, t / (n + 1), rho / n * (1 - t / (n + 1)))
 
+# %% ../nbs/08_mrc.ipynb #08b055a9
+def sequence_skip_map(in_dims:dict, # feature size per modality (needs 'sequence')
+                      llm_hidden:int, # the LLM's hidden size (at least the sequence features' size)
+                     )->nn.Linear:
+    "A bias-free `Linear(in_dims['sequence'], llm_hidden)` with orthonormal columns, drawn without moving the global RNG."
+    if 'sequence' not in in_dims: raise SpeederError('MRC: sequence_skip needs a "sequence" entry in in_dims')
+    if llm_hidden < in_dims['sequence']:
+        raise SpeederError(f'MRC: sequence_skip needs llm_hidden >= the sequence features\' size ({in_dims["sequence"]})')
+    with torch.random.fork_rng(devices=[]):
+        skip = nn.Linear(in_dims['sequence'], llm_hidden, bias=False)
+        nn.init.orthogonal_(skip.weight)
+    return skip
+
 # %% ../nbs/08_mrc.ipynb #2d668bac
 class MRC(nn.Module):
     ("Multimodal Representation Compression: an item's text/vision/sequence features -> "
@@ -163,6 +176,7 @@ class MRC(nn.Module):
                  n_heads:int=4, # attention heads per block
                  dropout:float=0.1, # dropout in the modality adapters, attention and experts
                  ffn_mult:int=4, # expert hidden width = ffn_mult * d_model
+                 sequence_skip:bool=False, # also add a linear map of the raw sequence features to the token (beyond the paper)
                 ):
         super().__init__()
         unknown = [m for m in in_dims if m not in MODALITIES]
@@ -176,6 +190,7 @@ class MRC(nn.Module):
         self.output_adapter = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model), nn.GELU(),
                                             nn.Linear(d_model, llm_hidden))
         self.vision_gate = nn.Parameter(torch.zeros(()))  # g; vision is scaled by tanh(g), so it starts switched off
+        self.sequence_skip = sequence_skip_map(self.in_dims, llm_hidden) if sequence_skip else None
 
     @property
     def gate(self)->float:
@@ -248,7 +263,8 @@ def encode(self:MRC, feats:dict, # modality -> features (*, in_dim)
            use_gate:bool=True, # False: vision enters as an ordinary token (the "no gate" ablation)
           )->dict:
     ("Everything before the output adapter: final tokens (N, M, d), present (N, M), pooling weights (N, M), "
-     "fused (N, d), attention (N, n_blocks, M, M), with N = the flattened leading shape.")
+     "fused (N, d), attention (N, n_blocks, M, M), the masked inputs (modality -> (N, in_dim)), "
+     "with N = the flattened leading shape.")
     xs, pres, shape = self._inputs(feats, present, active)
     tokens = torch.stack([self.adapters[m](x) for m, x in zip(self.modalities, xs)], 1) * pres[..., None]
     tau = None
@@ -257,7 +273,8 @@ def encode(self:MRC, feats:dict, # modality -> features (*, in_dim)
     h, attn = self.mome(tokens, pres, return_attention=True, vision_gate=tau)
     c = pooling_weights(pres, self.modalities, tau).to(h.dtype)
     fused = torch.einsum('nm,nmd->nd', c, h)
-    return dict(tokens=h, present=pres, weights=c, fused=fused, attention=attn, shape=shape)
+    return dict(tokens=h, present=pres, weights=c, fused=fused, attention=attn, shape=shape,
+                inputs=dict(zip(self.modalities, xs)))
 
 # %% ../nbs/08_mrc.ipynb #284b92c7
 @patch
@@ -269,7 +286,10 @@ def forward(self:MRC, feats:dict, # modality -> features (*, in_dim)
            ):
     "One token per item: (*, llm_hidden)."
     e = self.encode(feats, present, active, use_gate)
-    out = self.output_adapter(e['fused']).reshape(*e['shape'], self.llm_hidden)
+    out = self.output_adapter(e['fused'])
+    if self.sequence_skip is not None:
+        out = out + self.sequence_skip(e['inputs']['sequence'])
+    out = out.reshape(*e['shape'], self.llm_hidden)
     if not return_attention: return out
     M = len(self.modalities)
     return out, e['attention'].reshape(*e['shape'], len(self.mome.blocks), M, M)
@@ -278,7 +298,7 @@ def forward(self:MRC, feats:dict, # modality -> features (*, in_dim)
 @patch
 def modality_parameters(self:MRC, m:str # 'text', 'vision' or 'sequence'
                        )->list:
-    "Parameters owned by modality `m`: its adapter, its expert in every MoME block, and for vision the gate g."
+    "Parameters owned by modality `m`: its adapter, its expert in every MoME block; for vision the gate g, for sequence its skip."
     if m not in MODALITIES: raise SpeederError(f'unknown modality {m!r}; known: {", ".join(MODALITIES)}')
     ps = []
     if m in self.adapters:
@@ -287,6 +307,8 @@ def modality_parameters(self:MRC, m:str # 'text', 'vision' or 'sequence'
             ps += list(blk.experts[m].parameters())
     if m == 'vision':
         ps.append(self.vision_gate)
+    if m == 'sequence' and self.sequence_skip is not None:
+        ps.append(self.sequence_skip.weight)
     return ps
 
 @patch
