@@ -20,7 +20,7 @@ from .model import SpeederRecommender, load_weights, save_weights
 from .answer import check_mode, evaluate, evaluate_both, recommend
 from .train import history_summary, steps_for_minutes, time_per_step, total_steps, training_split
 from .mpo import mpo_stages, train_stages
-from .references import REFERENCE_NAMES, first_examples, history_controls, reference_lines
+from .references import REFERENCE_NAMES, history_controls, reference_lines
 from .results import reference_rows, seed_row, spread_table
 from .runs import (HISTORY, METRICS, build_model, check_dataset_fits, check_images_folder, check_writable,
                           create_run, default_run_name, final_folder, latest_checkpoint, load_checkpoint, load_kept,
