@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import numpy as np
 import torch
-from .config import ANSWER_MODES, GENERATE, ITEM_HEADS, SCORE, SpeederError
+from .config import ANSWER_MODES, GENERATE, ITEM_HEADS, NEXT, SCORE, SpeederError
 from .assets import progress
 from .data import Split
 from .metrics import generation_metrics, scorer_metrics
@@ -15,8 +15,9 @@ from .dist import gather_objects, is_main, rank, world_size
 from .model import SpeederRecommender
 
 # %% auto #0
-__all__ = ['REORDERINGS', 'check_mode', 'autocast', 'score_candidates', 'generate_answers', 'answer_both', 'length_order',
-           'recommend', 'evaluate', 'recommend_both', 'evaluate_both', 'reorder_histories', 'order_sensitivity']
+__all__ = ['REORDERINGS', 'check_mode', 'autocast', 'prompt_pass', 'score_candidates', 'generate_answers', 'answer_both',
+           'length_order', 'recommend', 'evaluate', 'recommend_both', 'evaluate_both', 'reorder_histories',
+           'order_sensitivity']
 
 # %% ../nbs/14_answer.ipynb #aed0fb8d
 def check_mode(mode:str, # an answer mode
@@ -41,10 +42,16 @@ def _check_scores(model:SpeederRecommender):
     if not model.prompt.can_score:
         raise SpeederError(f'{type(model.prompt).__name__} answers in free text; it has no score mode (use generate)')
 
-def _prompt_pass(model:SpeederRecommender, batch:dict, active, use_cache:bool=False):
-    "The forward pass over the prompts both modes start from (with the hidden states when the item head answers)."
-    return model.lm(model.embed(batch, active), batch, keep=1, use_cache=use_cache,
-                    output_hidden_states=model.cfg.answer in ITEM_HEADS)
+def prompt_pass(model:SpeederRecommender, # the recommender
+                batch:dict, # a prompt batch without answers
+                active=None, # modalities MRC uses
+                use_cache:bool=False, # keep the KV cache (to decode after it)
+                E:torch.Tensor|None=None, # the batch's `inputs_embeds` when already made (None: made here)
+               ):
+    "The pass over the prompts both modes start from: with the hidden states when the item head answers, and only up to the newest history item for answer='next'."
+    E = model.embed(batch, active) if E is None else E
+    if model.cfg.answer == NEXT: return model.prefix_pass(batch, active, E=E, output_hidden_states=True)
+    return model.lm(E, batch, keep=1, use_cache=use_cache, output_hidden_states=model.cfg.answer in ITEM_HEADS)
 
 def _choice_scores(model:SpeederRecommender, out, batch:dict, active)->torch.Tensor:
     "`(B, C)` log-probabilities of the candidates from a prompt pass: the item head's (answer='item') or the letters'."
@@ -58,7 +65,7 @@ def score_candidates(model:SpeederRecommender, # the recommender
                     )->torch.Tensor:
     "Log-probability of each candidate after the prompt, `(B, n_candidates)`: of its letter, or the item head's."
     _check_scores(model)
-    return _choice_scores(model, _prompt_pass(model, batch, active), batch, active)
+    return _choice_scores(model, prompt_pass(model, batch, active), batch, active)
 
 # %% ../nbs/14_answer.ipynb #9d631cbe
 def _decode(model:SpeederRecommender, out, batch:dict, n:int, stop_at_eos:bool=True)->list[str]:
@@ -97,7 +104,7 @@ def generate_answers(model:SpeederRecommender, # the recommender
                      stop_at_eos:bool=True, # False: always decode `max_new_tokens` tokens (benchmarks)
                     )->list[str]:
     "Greedy answers (KV cache, stops at the end token), decoded without special tokens; the item head writes its letter."
-    out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer not in ITEM_HEADS)
+    out = prompt_pass(model, batch, active, use_cache=model.cfg.answer not in ITEM_HEADS)
     return _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens, batch), stop_at_eos)
 
 # %% ../nbs/14_answer.ipynb #d4b1a002
@@ -110,7 +117,7 @@ def answer_both(model:SpeederRecommender, # the recommender (its prompt must hav
     "Score and generate from ONE pass over the prompts: (letter log-probabilities `(B, C)`, answers, seconds of the pass)."
     _check_scores(model)
     t0 = time.time()
-    out = _prompt_pass(model, batch, active, use_cache=model.cfg.answer not in ITEM_HEADS)
+    out = prompt_pass(model, batch, active, use_cache=model.cfg.answer not in ITEM_HEADS)
     scores = _choice_scores(model, out, batch, active)   # on the CPU: the pass has finished
     pass_s = time.time() - t0
     return scores, _generated(model, out, batch, active, _answer_tokens(model, max_new_tokens, batch)), pass_s

@@ -15,16 +15,17 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['RATIOS', 'LIMIT_RATIOS', 'LIMIT_OF', 'BENCH_METHODS', 'BENCH_COLUMNS', 'prompt_tokens', 'summary', 'peak_memory',
-           'training_throughput', 'step_breakdown', 'answer_tokens', 'answer_once', 'latency', 'answer_breakdown',
-           'bench_method', 'bench_ratios', 'random_ids', 'bare_step_s', 'bare_answer', 'backbone_limits',
-           'limit_ratios', 'bench_main', 'plot_bench', 'bench_markdown', 'breakdown_markdown']
+           'training_throughput', 'step_breakdown', 'answer_tokens', 'train_answer_tokens', 'answer_once', 'latency',
+           'answer_breakdown', 'bench_method', 'bench_ratios', 'random_ids', 'bare_step_s', 'bare_answer',
+           'backbone_limits', 'limit_ratios', 'bench_main', 'plot_bench', 'bench_markdown', 'breakdown_markdown']
 
 # %% ../nbs/23_bench.ipynb #6e211777
-from .config import DEFAULT_DATASET, DEFAULT_LLM, GENERATE, MODALITIES, SCORE, SPEEDER, STAND_IN, SpeederConfig, SpeederError
+from .config import (DEFAULT_DATASET, DEFAULT_LLM, GENERATE, ITEM_HEADS, MODALITIES, SCORE, SPEEDER, STAND_IN,
+                            SpeederConfig, SpeederError)
 from .assets import log, progress
 from .data import load_dataset, Split
 from .model import SpeederRecommender
-from .answer import score_candidates, generate_answers, autocast
+from .answer import autocast, generate_answers, prompt_pass, score_candidates
 from .train import fit, training_split
 from .results import markdown_table, table_cell
 from .runs import build_model, check_writable, default_run_name, run_features, runs_root, save_figure
@@ -32,13 +33,13 @@ from .baselines import BASELINES, baseline_model
 from .backbone import add_lora, keeps_logits, load_backbone
 
 # %% ../nbs/23_bench.ipynb #1b953bbd
-def prompt_tokens(prompt, # a model's prompt builder (`model.prompt`)
+def prompt_tokens(model:SpeederRecommender, # the model (its prompt builder, and how far its answer reads)
                   split:Split, # examples with candidates
                   n:int|None=None, # only the first n examples (None: all)
                  )->np.ndarray:
-    "Tokens of each example's prompt (no answer), for the first `n` examples of a split."
+    "Tokens the LLM reads to answer each of the first `n` examples of a split: its prompt (no answer), or the prefix answer='next' stops at."
     n = len(split) if n is None else min(n, len(split))
-    return np.array([int(prompt.batch(split.histories[i:i + 1], split.candidates[i:i + 1])['attention_mask'].sum())
+    return np.array([int(model.read_tokens(model.prompt.batch(split.histories[i:i + 1], split.candidates[i:i + 1]))[0])
                      for i in range(n)])
 
 def summary(x # numbers
@@ -113,8 +114,8 @@ def training_throughput(model:SpeederRecommender, # the model to train (Speeder 
     cfg = replace(model.cfg, max_steps=warmup + steps, batch_size=batch_size, grad_accum=1, warmup_steps=1)
     hist = fit(model, examples, cfg, params)
     secs = hist[-1]['seconds'] - hist[warmup - 1]['seconds'] if warmup else hist[-1]['seconds']
-    tokens = np.mean([int(model.prompt.batch(examples.histories[i:i + 1], examples.candidates[i:i + 1],
-                                             examples.targets[i:i + 1])['attention_mask'].sum())
+    tokens = np.mean([int(model.read_tokens(model.prompt.batch(examples.histories[i:i + 1], examples.candidates[i:i + 1],
+                                                               examples.targets[i:i + 1]), training=True)[0])
                       for i in range(len(examples))])
     ex_s = steps * batch_size / secs
     return dict(examples_per_s=ex_s, tokens_per_s=ex_s * tokens, s_per_step=secs / steps,
@@ -162,7 +163,16 @@ def answer_tokens(model:SpeederRecommender, # the model (its prompt builder coun
                   split:Split, # examples with candidates and targets
                   n:int=64, # examples looked at
                  )->int:
-    "Median answer length (tokens, with the end token) of the first `n` examples: the decode length timed."
+    "Median answer length (tokens, with the end token) of the first `n` examples: the decode length timed (0: the item head decodes nothing)."
+    if model.cfg.answer in ITEM_HEADS: return 0
+    return train_answer_tokens(model, split, n)
+
+def train_answer_tokens(model:SpeederRecommender, # the model (its prompt builder counts)
+                        split:Split, # examples with candidates and targets
+                        n:int=64, # examples looked at
+                       )->int:
+    "Median length of the answer the LM loss is on in training (0 when training stops at the history, `history_prompt`)."
+    if model.cfg.history_prompt: return 0
     batch = model.prompt.batch(split.histories[:n], split.candidates[:n], split.targets[:n])
     return int(np.median(batch['answer_mask'].sum(1).numpy()))
 
@@ -223,7 +233,7 @@ def answer_breakdown(model:SpeederRecommender, # the model to time
         batch, t_prompt = _timed(lambda: model.prompt.batch(h, cand), dev)
         with autocast(dev):
             E, t_items = _timed(lambda: model.embed(batch), dev)
-            _, t_prefill = _timed(lambda: model.lm(E, batch, keep=1, use_cache=True), dev)
+            _, t_prefill = _timed(lambda: prompt_pass(model, batch, use_cache=model.cfg.answer not in ITEM_HEADS, E=E), dev)
             _, t_all = _timed(lambda: generate_answers(model, batch, new_tokens, stop_at_eos=False), dev)
         for k, v in zip(parts, (t_prompt, t_items, t_prefill, max(0.0, t_all - t_items - t_prefill))):
             parts[k].append(v)
@@ -243,14 +253,14 @@ def bench_method(name:str, # the method's name in the results
     "Tokens, training throughput, latency and peak memory of one method."
     train_steps, warmup, batch_size, calls = _or_config(model.cfg, bench_steps=train_steps, bench_warmup=warmup,
                                                         batch_size=batch_size, bench_calls=calls)
-    tok = summary(prompt_tokens(model.prompt, split, 64))
+    tok = summary(prompt_tokens(model, split, 64))
     # what trains is what the model leaves trainable (see `baseline_model`)
     with peak_memory(model.device) as peak_train:
         train = training_throughput(model, examples, train_steps, warmup, batch_size)
         train['step_ms'] = step_breakdown(model, examples, batch_size)
     new_tokens = answer_tokens(model, split)
     row = dict(method=name, prompt_tokens_mean=tok['mean'], prompt_tokens_p95=tok['p95'], **train,
-               answer_tokens=new_tokens)
+               answer_tokens=new_tokens, train_answer_tokens=train_answer_tokens(model, split))
     modes = (GENERATE, SCORE) if model.prompt.can_score else (GENERATE,)
     with peak_memory(model.device) as peak_infer:
         for mode in modes:
@@ -302,7 +312,7 @@ def random_ids(llm, # the backbone (its vocabulary size)
 def bare_step_s(llm, # a causal LM with LoRA adapters (`add_lora`): only they train
                 tokens:int, # training example length: prompt + answer
                 batch_size:int, # examples per step
-                answer:int, # answer tokens: the loss is on them, and only their logits are computed (as in `forward`)
+                answer:int, # answer tokens: the loss is on them, and only their logits are computed (as in `forward`; 0: the last token's)
                 steps:int, # measured optimizer steps
                 warmup:int, # steps run first, not measured
                )->float:
@@ -314,8 +324,9 @@ def bare_step_s(llm, # a causal LM with LoRA adapters (`add_lora`): only they tr
     for i in range(warmup + steps):
         ids = random_ids(llm, batch_size, tokens, gen)
         t0 = time.perf_counter()
-        logits = llm(input_ids=ids, **_keep_kw(llm, answer + 1)).logits[:, -(answer + 1):-1]
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, -answer:].flatten()).backward()
+        keep = answer + 1 if answer else 1   # no answer (`history_prompt`): the loss is on the last token's logits
+        logits = llm(input_ids=ids, **_keep_kw(llm, keep)).logits[:, -keep:][:, :max(answer, 1)]
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, -max(answer, 1):].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -374,7 +385,8 @@ def backbone_limits(rows:list, # one dict per method, from `bench_method` (its l
     for r in progress(rows, desc='bare backbone'):
         prompt, answer = round(r['prompt_tokens_mean']), r['answer_tokens']
         lim = dict(prompt_tokens=prompt, train_tokens=round(r['train_tokens_mean']), answer_tokens=answer)
-        lim['s_per_step'] = bare_step_s(llm, lim['train_tokens'], cfg.batch_size, answer, cfg.bench_steps, cfg.bench_warmup)
+        lim['s_per_step'] = bare_step_s(llm, lim['train_tokens'], cfg.batch_size, r['train_answer_tokens'], cfg.bench_steps,
+                                        cfg.bench_warmup)
         for mode in (GENERATE, SCORE) if f'{SCORE}_b1_p50_ms' in r else (GENERATE,):
             for bs in batch_sizes:
                 calls = cfg.bench_calls if bs == 1 else max(2, cfg.bench_calls // 4)

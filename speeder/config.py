@@ -95,6 +95,7 @@ class SpeederConfig:
     sequence_features:str = 'sasrec' # 'sasrec' (train it if needed) or 'zeros'
     token_scale:str = 'rms'          # 'rms': every item token at the word embeddings' RMS; 'none': MRC's raw output
     sequence_skip:bool = False       # a linear skip from the SASRec features to the item token, orthogonal at init (beyond the paper)
+    history_prompt:bool = False      # answer='next' only: training prompts end at the newest history item, so no LM, letter or listwise loss (beyond the paper; answering there always reads only that far)
     # SPAE and prompt
     max_history:int = 10             # history slots = number of position prompts
     n_candidates:int = 20            # candidates per prompt (must match the dataset's saved candidate sets)
@@ -193,6 +194,8 @@ def _check_choices(self:SpeederConfig):
         raise SpeederError(f"answer={self.answer!r} needs item_weight or dense_weight above 0 (the item head would never train)")
     if self.sequence_skip and 'sequence' not in self.modalities:
         raise SpeederError("sequence_skip needs 'sequence' in modalities (the skip reads the SASRec features)")
+    if self.history_prompt and self.answer != NEXT:
+        raise SpeederError(f"history_prompt needs answer='next' (answer={self.answer!r} reads the prompt after the history)")
 
 # %% ../nbs/00_config.ipynb #0fd5f0d0
 @patch

@@ -302,7 +302,7 @@ def answered_by(cfg:SpeederConfig, # a trained run's config
     if answer in ITEM_HEADS and not trained:
         raise SpeederError(f'this run never trained the item head (answer={cfg.answer!r}, dense_weight=0), '
                            f'so it cannot answer with answer={answer!r}')
-    return replace(cfg, answer=answer)
+    return replace(cfg, answer=answer, history_prompt=cfg.history_prompt and answer == NEXT)   # a training setting of 'next'
 
 def evaluate_main(run_dir:str|Path, # a finished run folder
                   mode:str=GENERATE, # 'generate' or 'score'
@@ -366,7 +366,8 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'dense': dict(dense_weight=1.0), 'no-dense': dict(dense_weight=0.0),
              'dense-2': dict(dense_weight=2.0), 'lr-5e-4': dict(lr=5e-4), 'ppt-0.5': dict(ppt_weight=0.5),
              'item-dense-2': dict(answer=ITEM, dense_weight=2.0), 'sequence-skip': dict(sequence_skip=True),
-             'next': dict(answer=NEXT, item_weight=0.0)}   # the default's training, answered at the last history item
+             'next': dict(answer=NEXT, item_weight=0.0),   # the default's training, answered at the last history item
+             'next-history': dict(answer=NEXT, item_weight=0.0, history_prompt=True)}   # ... trained on the prompt up to there
 STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1
@@ -405,15 +406,16 @@ def ablation_markdown(res:dict, # what `ablate_main` returns (or its ablation.js
 def plot_seed_runs(rows:list, # ablation rows: `variant` and `runs`, each run with its valid `curve`, `own` and `other` HR@1
                    references:dict, # test HR@1 of the references on the same users: popularity, sasrec_readout, sasrec
                    valid_references:dict|None=None, # the same on the valid curve's users (a dashed line each; None: none)
+                   along:str='step', # the valid curve against optimizer steps ('step') or seconds of training ('seconds')
                   )->'plt.Figure':
-    "Left: valid HR@1 against optimizer steps, one colour per variant, one line per seed. Right: each run's test HR@1 with its own history against another user's."
+    "Left: valid HR@1 against optimizer steps (or seconds), one colour per variant, one line per seed. Right: each run's test HR@1 with its own history against another user's."
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     for i, row in enumerate(rows):
         for j, run in enumerate(row['runs']):
             label = f"{row['variant']} ({len(row['runs'])} seed{'s' if len(row['runs']) > 1 else ''})" if j == 0 else None
             pts = run.get('curve') or []
-            left.plot([p['step'] for p in pts], [p['hr1'] for p in pts], color=f'C{i}', lw=1, marker='o', ms=2, label=label)
+            left.plot([p[along] for p in pts], [p['hr1'] for p in pts], color=f'C{i}', lw=1, marker='o', ms=2, label=label)
             right.scatter(run['other'], run['own'], color=f'C{i}', s=20, label=label)
     for k, v in (valid_references or {}).items():
         left.axhline(v, ls='--', lw=0.8, color='gray')
@@ -425,7 +427,9 @@ def plot_seed_runs(rows:list, # ablation rows: `variant` and `runs`, each run wi
     for k, x in (('popularity', 0.01), ('sasrec_readout', 0.01), ('sasrec', 0.3)):   # x: where the label sits
         right.axhline(references[k], ls='--', lw=0.8, color='gray')
         right.annotate(f'{REFERENCE_NAMES.get(k, k)} ({references[k]:.3f})', (x, references[k]), fontsize=6, color='gray', va='bottom')
-    left.set(xlabel='optimizer step', ylabel='valid HR@1 (score)', ylim=(0, None), title='every seed, step by step')
+    by_step = along == 'step'
+    left.set(xlabel='optimizer step' if by_step else 'seconds of training', ylabel='valid HR@1 (score)', ylim=(0, None),
+             title='every seed, step by step' if by_step else 'every seed, at equal training time')
     right.set(xlabel="test HR@1 with another user's history", ylabel='test HR@1 with its own history', xlim=(0, 0.6),
               ylim=(0, 0.65), title='does each run read its user?')
     left.legend(fontsize=6, loc='upper left', ncol=2)

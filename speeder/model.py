@@ -263,9 +263,36 @@ def answer_hidden(self:SpeederRecommender, out, # the LLM's output, with hidden 
                  )->torch.Tensor:
     "(B, hidden): the last layer's hidden state where the item head answers: the prompt's last token, or the last history item (answer='next')."
     if self.cfg.answer != NEXT: return out.hidden_states[-1][:, -(batch['n_answer'] + 1)]
-    last = batch['hist_pos'][:, -1:].to(self.device)   # histories are left-padded: the newest item is in the last slot
+    return out.hidden_states[-1][:, self.history_end(batch) - 1]
+
+@patch
+def history_end(self:SpeederRecommender, batch:dict, # a prompt batch
+               )->int:
+    "Columns up to and with the newest history item: the same in every row, as prompts are left-padded and end alike."
+    last = batch['hist_pos'][:, -1]   # histories are left-padded: the newest item is in the last slot
     if (last < 0).any(): raise SpeederError("answer='next' reads the last history item: every user needs a history")
-    return gather_positions(out.hidden_states[-1], last)[:, 0]
+    if (last != last[0]).any(): raise SpeederError('the newest history items are in different columns: the prompts do not end alike')
+    return int(last[0]) + 1
+
+@patch
+def prefix_pass(self:SpeederRecommender, batch:dict, # a prompt batch, with or without answers
+                active:tuple|None=None, # modalities MRC uses
+                E:torch.Tensor|None=None, # the batch's `inputs_embeds` when already made (None: made here)
+                **kw, # passed to the LLM (output_hidden_states, ...)
+               ):
+    "The LLM over each prompt up to and with its newest history item: under the causal mask, the hidden states there are the full prompt's."
+    end = self.history_end(batch)
+    cut = {k: batch[k][:, :end] for k in ('attention_mask', 'position_ids')}
+    return self.lm((self.embed(batch, active) if E is None else E)[:, :end], cut, keep=1, **kw)
+
+@patch
+def read_tokens(self:SpeederRecommender, batch:dict, # a prompt batch
+                training:bool=False, # a training pass (stops at the history with `history_prompt`), else an answer (with answer='next')
+               )->torch.Tensor:
+    "(B,) tokens the LLM reads of each row: the whole prompt, or up to its newest history item where the pass stops there."
+    stops = self.cfg.history_prompt if training else self.cfg.answer == NEXT
+    mask = batch['attention_mask']
+    return (mask[:, :self.history_end(batch)] if stops else mask).sum(1)
 
 @patch
 def item_scores(self:SpeederRecommender, hidden:torch.Tensor, # (B, hidden) hidden states at the answer position
@@ -300,18 +327,25 @@ def forward(self:SpeederRecommender, batch:dict, # `SpeederPrompt.batch(..., tar
     "Losses of a training batch (`loss` and its terms) and accuracies: `LOSS_KEYS`."
     A, cfg = batch['n_answer'], self.cfg
     if not A: raise SpeederError('forward needs a batch built with targets (the answer is what the LM loss is on)')
-    listwise = cfg.listwise_weight > 0 and bool((batch['label_pos'] >= 0).all())   # text prompts have no letters
+    short = cfg.history_prompt   # the LLM reads up to the newest history item: nothing reads the letters or the answer
+    listwise = not short and cfg.listwise_weight > 0 and bool((batch['label_pos'] >= 0).all())   # text prompts have no letters
     has_items = bool((batch['cand_pos'] >= 0).all())   # text prompts have no item tokens to match
     item = has_items and cfg.answer in ITEM_HEADS and cfg.item_weight > 0
     dense = has_items and cfg.dense_weight > 0
-    out = self.lm(self.embed(batch, active), batch, keep=A + 1,
-                  output_hidden_states=cfg.use_ppt or listwise or item or dense)
-    answer, on = batch['input_ids'][:, -A:].to(self.device), batch['answer_mask'].to(self.device)
-    lm_loss = F.cross_entropy(out.logits[:, :A][on].float(), answer[on])   # answers may differ in length: masked
-    zero = lm_loss.new_zeros(())
-    res = dict(lm_loss=lm_loss, ppt_loss=zero, ppt_acc=zero, listwise_loss=zero, listwise_acc=zero, spread_loss=zero,
-               item_loss=zero, item_acc=zero, dense_loss=zero, dense_acc=zero, **self.letter_terms(out, batch))
-    loss = lm_loss + cfg.letter_weight * res['letter_loss']
+    if short:
+        out = self.prefix_pass(batch, active, output_hidden_states=True)
+        zero = torch.zeros((), device=self.device)
+        res = dict(lm_loss=zero, letter_loss=zero, letter_acc=zero)
+    else:
+        out = self.lm(self.embed(batch, active), batch, keep=A + 1,
+                      output_hidden_states=cfg.use_ppt or listwise or item or dense)
+        answer, on = batch['input_ids'][:, -A:].to(self.device), batch['answer_mask'].to(self.device)
+        lm_loss = F.cross_entropy(out.logits[:, :A][on].float(), answer[on])   # answers may differ in length: masked
+        zero = lm_loss.new_zeros(())
+        res = dict(lm_loss=lm_loss, **self.letter_terms(out, batch))
+    res.update(ppt_loss=zero, ppt_acc=zero, listwise_loss=zero, listwise_acc=zero, spread_loss=zero, item_loss=zero,
+               item_acc=zero, dense_loss=zero, dense_acc=zero)
+    loss = res['lm_loss'] + cfg.letter_weight * res['letter_loss']
     if cfg.spread_weight > 0 and (batch['cand_pos'] >= 0).any():   # text prompts have no item tokens to keep apart
         ids = torch.cat([batch['history'], batch['candidates']], 1).to(self.device).unique()
         res['spread_loss'] = spread_loss(self.item_tokens(ids[ids > 0], active))

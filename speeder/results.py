@@ -13,8 +13,8 @@ from .assets import project_root
 
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'RECORDED_FIGURES', 'table_cell', 'markdown_table', 'mean_sd', 'seed_row', 'spread_cell',
-           'spread_table', 'reference_rows', 'controls_markdown', 'load_results', 'chosen_record', 'recorded_markdown',
-           'recorded_figures', 'results_markdown', 'render_readme', 'readme_links', 'cmd_readme']
+           'spread_table', 'reference_rows', 'controls_markdown', 'load_results', 'chosen_record', 'record_row',
+           'recorded_markdown', 'recorded_figures', 'results_markdown', 'render_readme', 'readme_links', 'cmd_readme']
 
 # %% ../nbs/18_results.ipynb #d8c3b852
 def table_cell(v, # a value: None, a number, or anything with a text form
@@ -123,6 +123,15 @@ def chosen_record(subcommand:str, # e.g. 'ablate'
     if record is not None: return next((r for r in recs if r['record'] == record), None)
     default = [r for r in recs if '--record-as' not in r['command'].split()]
     return (default or recs or [None])[-1]
+
+def record_row(rec:dict, # a recorded `speeder ablate` result (as `chosen_record` returns it)
+               variant:str, # the name of one of its rows, e.g. 'dense-2'
+              )->dict:
+    "The row of `variant` in an ablation record; an error naming the record and its rows when it has none."
+    rows = rec['result']['rows']
+    for row in rows:
+        if row['variant'] == variant: return row
+    raise SpeederError(f"record {rec['record']} has no row {variant!r} (its rows: {', '.join(r['variant'] for r in rows)})")
 
 def recorded_markdown(subcommand:str, # e.g. 'compare' or 'bench'
                       to_markdown, # result dict -> markdown, e.g. `compare_markdown`
