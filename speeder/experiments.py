@@ -367,7 +367,9 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'dense-2': dict(dense_weight=2.0), 'lr-5e-4': dict(lr=5e-4), 'ppt-0.5': dict(ppt_weight=0.5),
              'item-dense-2': dict(answer=ITEM, dense_weight=2.0), 'sequence-skip': dict(sequence_skip=True),
              'next': dict(answer=NEXT, item_weight=0.0),   # the default's training, answered at the last history item
-             'next-history': dict(answer=NEXT, item_weight=0.0, history_prompt=True)}   # ... trained on the prompt up to there
+             'next-history': dict(answer=NEXT, item_weight=0.0, history_prompt=True),   # ... trained on the prompt up to there
+             'next-history-item': dict(answer=NEXT, item_weight=1.0, history_prompt=True),   # ... with the item loss there
+             'next-history-skip': dict(answer=NEXT, item_weight=0.0, history_prompt=True, sequence_skip=True)}   # ... with the skip
 STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1
