@@ -50,7 +50,7 @@ def prompt_pass(model:SpeederRecommender, # the recommender
                ):
     "The pass over the prompts both modes start from: with the hidden states when the item head answers, and only up to the newest history item for answer='next'."
     E = model.embed(batch, active) if E is None else E
-    if model.cfg.answer == NEXT: return model.prefix_pass(batch, active, E=E, output_hidden_states=True)
+    if model.stops_at_history(): return model.prefix_pass(batch, active, E=E, output_hidden_states=True)
     return model.lm(E, batch, keep=1, use_cache=use_cache, output_hidden_states=model.cfg.answer in ITEM_HEADS)
 
 def _choice_scores(model:SpeederRecommender, out, batch:dict, active)->torch.Tensor:

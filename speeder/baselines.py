@@ -92,7 +92,7 @@ def baseline_config(cfg:SpeederConfig, # the shared settings
     ("The config of a baseline: the same as `cfg` but without Speeder's own parts "
      "(SPAE's PPL and PPT, the listwise and spread losses, the item head and its prompt); the letter loss on the answer is shared by all.")
     return replace(cfg, use_ppl=False, use_ppt=False, listwise_weight=0.0, spread_weight=0.0, answer=LETTER,
-                   dense_weight=0.0, history_prompt=False, sequence_skip=False)
+                   dense_weight=0.0, history_prompt=False, sequence_skip=False, item_bias=False)
 
 def trained_groups(model:SpeederRecommender, # a `baseline_model`
                   )->tuple:

@@ -36,11 +36,13 @@ from .backbone import add_lora, keeps_logits, load_backbone
 def prompt_tokens(model:SpeederRecommender, # the model (its prompt builder, and how far its answer reads)
                   split:Split, # examples with candidates
                   n:int|None=None, # only the first n examples (None: all)
+                  training:bool=False, # count a training pass (its answer too), else an answer's (`read_tokens`)
                  )->np.ndarray:
-    "Tokens the LLM reads to answer each of the first `n` examples of a split: its prompt (no answer), or the prefix answer='next' stops at."
+    "Tokens the LLM reads of each of the first `n` examples of a split: to answer it, or to train on it (`training`)."
     n = len(split) if n is None else min(n, len(split))
-    return np.array([int(model.read_tokens(model.prompt.batch(split.histories[i:i + 1], split.candidates[i:i + 1]))[0])
-                     for i in range(n)])
+    one = lambda i: model.prompt.batch(split.histories[i:i + 1], split.candidates[i:i + 1],
+                                       split.targets[i:i + 1] if training else None)   # one example: no padding counted
+    return np.array([int(model.read_tokens(one(i), training)[0]) for i in range(n)])
 
 def summary(x # numbers
            )->dict:
@@ -114,9 +116,7 @@ def training_throughput(model:SpeederRecommender, # the model to train (Speeder 
     cfg = replace(model.cfg, max_steps=warmup + steps, batch_size=batch_size, grad_accum=1, warmup_steps=1)
     hist = fit(model, examples, cfg, params)
     secs = hist[-1]['seconds'] - hist[warmup - 1]['seconds'] if warmup else hist[-1]['seconds']
-    tokens = np.mean([int(model.read_tokens(model.prompt.batch(examples.histories[i:i + 1], examples.candidates[i:i + 1],
-                                                               examples.targets[i:i + 1]), training=True)[0])
-                      for i in range(len(examples))])
+    tokens = prompt_tokens(model, examples, training=True).mean()
     ex_s = steps * batch_size / secs
     return dict(examples_per_s=ex_s, tokens_per_s=ex_s * tokens, s_per_step=secs / steps,
                 train_tokens_mean=float(tokens))

@@ -95,6 +95,7 @@ class SpeederConfig:
     sequence_features:str = 'sasrec' # 'sasrec' (train it if needed) or 'zeros'
     token_scale:str = 'rms'          # 'rms': every item token at the word embeddings' RMS; 'none': MRC's raw output
     sequence_skip:bool = False       # a linear skip from the SASRec features to the item token, orthogonal at init (beyond the paper)
+    item_bias:bool = False           # the item head adds a learned score per item, the prior its unit-RMS item tokens cannot carry; used where the item head scores (beyond the paper)
     history_prompt:bool = False      # answer='next' only: training prompts end at the newest history item, so no LM, letter or listwise loss (beyond the paper; answering there always reads only that far)
     # SPAE and prompt
     max_history:int = 10             # history slots = number of position prompts

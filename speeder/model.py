@@ -64,17 +64,23 @@ def choice_loss(scores:torch.Tensor, # (B, C) one score (or logit) per candidate
 class ItemHead(nn.Module):
     "Scores items from hidden states: a query (LayerNorm, linear map) dotted with each item's token at unit RMS, over √hidden."
     def __init__(self, hidden:int, # the LLM's hidden size
+                 n_items:int=0, # rows of a learned per-item score, indexed by item id (0: none; `item_bias`)
                 ):
         super().__init__()
         self.norm, self.query = nn.LayerNorm(hidden), nn.Linear(hidden, hidden)
+        self.bias = nn.Parameter(torch.zeros(n_items)) if n_items else None   # zeros: an untrained bias changes no score
 
     def forward(self, hidden_states:torch.Tensor, # (B, K, hidden) the hidden states that ask
                 tokens:torch.Tensor, # (B, N, hidden) each row's items, or (N, hidden) items every row shares
+                item_ids:torch.Tensor|None=None, # (B, N) or (N,): the items' ids, for the bias (needed when the head has one)
                )->torch.Tensor:
         "(B, K, N): the score of each item for each hidden state."
         query = self.query(self.norm(hidden_states.float()))
         keys = scale_to_rms(tokens.float(), 1.0)
-        return query @ keys.transpose(-1, -2) / math.sqrt(query.shape[-1])
+        scores = query @ keys.transpose(-1, -2) / math.sqrt(query.shape[-1])
+        if self.bias is None: return scores
+        bias = self.bias[item_ids.to(self.bias.device)]
+        return scores + (bias if item_ids.dim() == 1 else bias[:, None])
 
 def next_item_targets(histories:torch.Tensor, # (B, L) item ids, left-padded with 0
                       targets:torch.Tensor, # (B,) the item id that follows each history
@@ -120,7 +126,7 @@ class SpeederRecommender(nn.Module):
         self.listwise_index = round(cfg.listwise_layer * llm.config.num_hidden_layers)   # 0: embeddings, L: last block
         with torch.random.fork_rng(devices=[]):   # its own seed: the head leaves every other draw of a run as it was
             torch.manual_seed(cfg.seed + 11)
-            self.item_head = ItemHead(self.hidden)
+            self.item_head = ItemHead(self.hidden, len(self.text_table) if cfg.item_bias else 0)   # row = item id
         self.register_buffer('word_rms', llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt(),
                              persistent=False)
         self.llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
@@ -286,13 +292,18 @@ def prefix_pass(self:SpeederRecommender, batch:dict, # a prompt batch, with or w
     return self.lm((self.embed(batch, active) if E is None else E)[:, :end], cut, keep=1, **kw)
 
 @patch
+def stops_at_history(self:SpeederRecommender, training:bool=False, # a training pass, else an answer
+                    )->bool:
+    "Whether the pass reads the prompt only up to its newest history item: training with `history_prompt`, answering with answer='next'."
+    return self.cfg.history_prompt if training else self.cfg.answer == NEXT
+
+@patch
 def read_tokens(self:SpeederRecommender, batch:dict, # a prompt batch
-                training:bool=False, # a training pass (stops at the history with `history_prompt`), else an answer (with answer='next')
+                training:bool=False, # a training pass, else an answer (`stops_at_history`)
                )->torch.Tensor:
     "(B,) tokens the LLM reads of each row: the whole prompt, or up to its newest history item where the pass stops there."
-    stops = self.cfg.history_prompt if training else self.cfg.answer == NEXT
     mask = batch['attention_mask']
-    return (mask[:, :self.history_end(batch)] if stops else mask).sum(1)
+    return (mask[:, :self.history_end(batch)] if self.stops_at_history(training) else mask).sum(1)
 
 @patch
 def item_scores(self:SpeederRecommender, hidden:torch.Tensor, # (B, hidden) hidden states at the answer position
@@ -300,7 +311,7 @@ def item_scores(self:SpeederRecommender, hidden:torch.Tensor, # (B, hidden) hidd
                 active:tuple|None=None, # modalities MRC uses
                )->torch.Tensor:
     "(B, C): the item head's score of each candidate (its item token against the hidden state)."
-    return self.item_head(hidden[:, None], self.item_tokens(candidates, active))[:, 0]
+    return self.item_head(hidden[:, None], self.item_tokens(candidates, active), candidates)[:, 0]
 
 @patch
 def dense_terms(self:SpeederRecommender, out, # the LLM's output, with hidden states
@@ -312,9 +323,9 @@ def dense_terms(self:SpeederRecommender, out, # the LLM's output, with hidden st
     candidates, target = batch['candidates'].to(dev), batch['target'].to(dev)
     following = next_item_targets(batch['history'].to(dev), candidates.gather(1, target[:, None])[:, 0])
     hidden = gather_positions(out.hidden_states[-1], batch['hist_pos'].to(dev).clamp_min(0))
-    catalogue = self.item_tokens(torch.arange(1, len(self.text_table), device=dev), active)
+    ids = torch.arange(1, len(self.text_table), device=dev)
     on = following > 0
-    scores = self.item_head(hidden, catalogue)[on]
+    scores = self.item_head(hidden, self.item_tokens(ids, active), ids)[on]
     loss, acc = choice_loss(scores, following[on] - 1)   # item id i is row i - 1 of the catalogue
     return dict(dense_loss=loss, dense_acc=acc)
 
@@ -327,7 +338,7 @@ def forward(self:SpeederRecommender, batch:dict, # `SpeederPrompt.batch(..., tar
     "Losses of a training batch (`loss` and its terms) and accuracies: `LOSS_KEYS`."
     A, cfg = batch['n_answer'], self.cfg
     if not A: raise SpeederError('forward needs a batch built with targets (the answer is what the LM loss is on)')
-    short = cfg.history_prompt   # the LLM reads up to the newest history item: nothing reads the letters or the answer
+    short = self.stops_at_history(training=True)   # nothing reads the letters or the answer
     listwise = not short and cfg.listwise_weight > 0 and bool((batch['label_pos'] >= 0).all())   # text prompts have no letters
     has_items = bool((batch['cand_pos'] >= 0).all())   # text prompts have no item tokens to match
     item = has_items and cfg.answer in ITEM_HEADS and cfg.item_weight > 0
