@@ -369,9 +369,8 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'next': dict(answer=NEXT, item_weight=0.0),   # the default's training, answered at the last history item
              'next-history': dict(answer=NEXT, item_weight=0.0, history_prompt=True),   # ... trained on the prompt up to there
              'next-history-item': dict(answer=NEXT, item_weight=1.0, history_prompt=True),   # ... with the item loss there
-             'next-history-skip': dict(answer=NEXT, item_weight=0.0, history_prompt=True, sequence_skip=True),   # ... with the skip
-             'next-history-skip-bias': dict(answer=NEXT, item_weight=0.0, history_prompt=True, sequence_skip=True,
-                                            item_bias=True)}   # ... and a learned score per item
+             'next-history-skip': dict(answer=NEXT, item_weight=0.0, history_prompt=True, sequence_skip=True)}   # ... with the skip
+ABLATIONS['next-history-skip-bias'] = dict(ABLATIONS['next-history-skip'], item_bias=True)   # ... and a learned score per item
 STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1
