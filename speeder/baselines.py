@@ -14,12 +14,11 @@ from .data import Split
 from .features import ItemFeatures
 from .prompt import TEXT_FORMATS, ItemTextPrompt
 from .model import SpeederRecommender, default_device, recommender_backbone, set_trainable
-from .train import Stage, ValidCurve, fit_stages, keep_weights, time_per_step
+from .train import Stage, ValidCurve, fit_stages, keep_weights
 
 # %% auto #0
 __all__ = ['FORMATS', 'BASELINE_STAGES', 'BASELINES', 'ModalityProjector', 'PromptFormat', 'baseline_stages',
-           'item_token_modality', 'baseline_config', 'trained_groups', 'baseline_model', 'train_baseline',
-           'baseline_step_seconds']
+           'item_token_modality', 'baseline_config', 'trained_groups', 'baseline_model', 'train_baseline']
 
 # %% ../nbs/20_baselines.ipynb #e287fff4
 class ModalityProjector(nn.Module):
@@ -92,7 +91,8 @@ def baseline_config(cfg:SpeederConfig, # the shared settings
     ("The config of a baseline: the same as `cfg` but without Speeder's own parts "
      "(SPAE's PPL and PPT, the listwise and spread losses, the item head and its prompt); the letter loss on the answer is shared by all.")
     return replace(cfg, use_ppl=False, use_ppt=False, listwise_weight=0.0, spread_weight=0.0, answer=LETTER,
-                   dense_weight=0.0, history_prompt=False, sequence_skip=False, item_bias=False)
+                   dense_weight=0.0, history_prompt=False, sequence_skip=False, item_bias=False,
+                   item_bias_prior=False)
 
 def trained_groups(model:SpeederRecommender, # a `baseline_model`
                   )->tuple:
@@ -128,10 +128,11 @@ def baseline_model(method:str, # one of `BASELINES`
 # %% ../nbs/20_baselines.ipynb #56524a28
 def train_baseline(model:SpeederRecommender, # a `baseline_model`
                    examples:Split, # training examples with candidates
-                   total_steps:int, # optimizer steps of all its stages
+                   total_steps:int|None, # optimizer steps of all its stages (None: planned from `cfg.minutes`, `fit_stages`)
                    json_progress:bool=False, # JSON progress lines on stderr
                    stages:list|None=None, # (format, share) pairs; default: `baseline_stages(model.method, model.cfg)`
                    curve:ValidCurve|None=None, # a valid curve to extend while training (its own answer mode)
+                   on_plan=None, # on_plan(plan) each time a minute budget plans its steps (`fit_stages`)
                   )->list[dict]:
     ("Train the method's stages in order (`total_steps` optimizer steps in all), keep the weights `keep_weights` picks "
      "(the record in `curve.kept`) and the prompt of their stage; returns the per-step history.")
@@ -139,26 +140,12 @@ def train_baseline(model:SpeederRecommender, # a `baseline_model`
     def prepare(i, stage, steps):
         model.prompt = model.formats[stage.name]
         params = set_trainable(model, trained_groups(model))
-        log(f'{model.method} stage {i + 1}/{len(blocks)} "{stage.name}": {steps} steps, '
+        log(f'{model.method} stage {i + 1}/{len(blocks)} "{stage.name}": {steps or "planned after the timing"} steps, '
             f'{sum(p.numel() for p in params):,} parameters')
         return params
-    hist = fit_stages(model, examples, blocks, total_steps, prepare, curve=curve, json_progress=json_progress)
+    hist = fit_stages(model, examples, blocks, total_steps, prepare, curve=curve, json_progress=json_progress,
+                      on_plan=on_plan)
     kept = keep_weights(model, curve, hist)
     model.prompt = model.formats[kept['stage']]   # the prompt the kept weights answered with
     set_trainable(model, trained_groups(model))
     return hist
-
-# %% ../nbs/20_baselines.ipynb #189e0da2
-def baseline_step_seconds(model:SpeederRecommender, # a `baseline_model`
-                          examples:Split, # training examples with candidates
-                          cfg:SpeederConfig|None=None, # `calibration_steps`, shared out between the stages (default `model.cfg`)
-                         )->float:
-    "Mean seconds of one of the method's training steps: each stage timed on its own prompt, weighed by its share."
-    cfg = cfg or model.cfg
-    prompt = model.prompt
-    seconds = 0.0
-    for fmt, share in baseline_stages(model.method, cfg):
-        model.prompt = model.formats[fmt]
-        seconds += share * time_per_step(model, examples, cfg, n=max(1, math.ceil(share * cfg.calibration_steps)))
-    model.prompt = prompt
-    return seconds

@@ -17,7 +17,7 @@ from .references import reference_lines
 from .results import reference_rows, seed_row, spread_table
 from .runs import (build_model, check_writable, default_run_name, plot_curves, run_features, runs_root,
                           sasrec_metrics, save_figure)
-from .baselines import BASELINES, BASELINE_STAGES, baseline_model, baseline_step_seconds, train_baseline
+from .baselines import BASELINES, BASELINE_STAGES, baseline_model, train_baseline
 from .experiments import budget_steps, check_seeds, curve_seconds, fit_speeder, with_budget
 
 # %% auto #0
@@ -37,8 +37,8 @@ def _method_row(method:str, model, ds, examples, fitted:dict, train_s:float, eva
                n_test=gen['n'], steps=len(hist), train_examples=len(examples),
                examples_seen=len(hist) * cfg.batch_size * cfg.grad_accum, train_s=train_s, trained_s=trained_s,
                budget_share=trained_s / (cfg.minutes * 60) if cfg.minutes else None,
-               s_per_step=trained_s / len(hist), calibrated_s_per_step=fitted['s_per_step'],
-               calibration_s=fitted['calibration_s'], curve_s=sum(p['eval_s'] for p in points),
+               s_per_step=trained_s / len(hist), calibrated_s_per_step=fitted['s_per_step'], plans=fitted['plans'],
+               curve_s=sum(p['eval_s'] for p in points),
                curve_mode=points[-1]['mode'] if points else None, generate_s=gen['seconds'],
                ms_per_answer=1000 * gen['seconds'] / gen['n'],
                final_loss=float(np.mean([r['lm_loss'] for r in hist[-10:]])), curve=points)
@@ -47,20 +47,21 @@ def _method_row(method:str, model, ds, examples, fitted:dict, train_s:float, eva
     return row
 
 def _train_speeder(ds, cfg, examples, root, json_progress, curve_every)->tuple:
-    "Speeder as `speeder train` trains it: (model, its history, calibrated s/step, curve and calibration seconds)."
+    "Speeder as `speeder train` trains it: (model, its history, the first plan's s/step, curve, the budget's plans)."
     model = build_model(ds, cfg, root)
     st = fit_speeder(model, ds, examples, valid=curve_every is not None, curve_every=curve_every,
                      json_progress=json_progress)
-    return model, {k: st[k] for k in ('history', 's_per_step', 'curve', 'calibration_s')}
+    return model, {k: st[k] for k in ('history', 's_per_step', 'curve', 'plans')}
 
 def _train_text_baseline(m, ds, feats, cfg, examples, root, json_progress, curve_every)->tuple:
     "Baseline `m` for the budget, its curve at the same shares of its own steps: as `_train_speeder`."
-    model = baseline_model(m, ds, feats, cfg, root)
-    steps, s_step, calibration_s = budget_steps(model, examples, model.cfg, timer=baseline_step_seconds)
+    model, plans = baseline_model(m, ds, feats, cfg, root), []
+    steps = budget_steps(model.cfg, len(examples))
     curve = ValidCurve(model, ds.valid, cfg.curve_examples, curve_every,
                        at_steps=curve_steps(model.cfg, steps)) if curve_every else None
-    hist = train_baseline(model, examples, steps, json_progress, curve=curve)
-    return model, dict(history=hist, s_per_step=s_step, curve=curve.points if curve else [], calibration_s=calibration_s)
+    hist = train_baseline(model, examples, steps, json_progress, curve=curve, on_plan=plans.append)
+    return model, dict(history=hist, s_per_step=plans[0]['s_per_step'] if plans else None,
+                       curve=curve.points if curve else [], plans=plans)
 
 # %% ../nbs/22_compare.ipynb #b74d02e6
 def _finished_rows(path:Path, settings:dict)->dict:
@@ -142,7 +143,7 @@ def _train_rows(res, methods, done, ds, cfg, root, json_progress, run):
 
 # %% ../nbs/22_compare.ipynb #a21fin01
 COMPARE_KEYS = ('hr1', 'valid_ratio', 'vhr1', 'score_hr1', 'steps', 'examples_seen', 's_per_step', 'train_s',
-                'trained_s', 'budget_share', 'calibration_s', 'curve_s', 'generate_s', 'ms_per_answer',
+                'trained_s', 'budget_share', 'curve_s', 'generate_s', 'ms_per_answer',
                 'n_test')   # what a row of `speeder compare` summarises over seeds
 
 def compare_curves(rows:list, # `compare_main`'s rows (each method's `runs`)

@@ -96,6 +96,7 @@ class SpeederConfig:
     token_scale:str = 'rms'          # 'rms': every item token at the word embeddings' RMS; 'none': MRC's raw output
     sequence_skip:bool = False       # a linear skip from the SASRec features to the item token, orthogonal at init (beyond the paper)
     item_bias:bool = False           # the item head adds a learned score per item, the prior its unit-RMS item tokens cannot carry; used where the item head scores (beyond the paper)
+    item_bias_prior:bool = False     # item_bias starts at log(1 + each item's count in the training sequences), centred: the popularity prior a softmax over items starts from, instead of zeros (beyond the paper)
     history_prompt:bool = False      # answer='next' only: training prompts end at the newest history item, so no LM, letter or listwise loss (beyond the paper; answering there always reads only that far)
     # SPAE and prompt
     max_history:int = 10             # history slots = number of position prompts
@@ -131,8 +132,8 @@ class SpeederConfig:
     epochs:int = 1                   # passes over the training examples when max_steps is None
     max_steps:int|None = None        # optimizer steps of the run, all stages together (None: from epochs)
     minutes:float|None = None        # train this many minutes: steps follow from timing a few (overrides max_steps)
-    calibration_steps:int = 8        # timed steps that size a minute budget (after `calibration_warmup` untimed ones)
-    calibration_warmup:int = 1       # untimed steps before the calibration's timed ones (a fresh process's first steps are slower)
+    calibration_steps:int = 8        # a minute budget's timed steps: its first plan times this many training steps (after `calibration_warmup` untimed ones), and each re-plan the last this many
+    calibration_warmup:int = 1       # a minute budget's untimed first training steps, before its timed ones (a fresh process's first steps are slower)
     train_examples:int|None = 20000  # random subsample of the training examples (None: all)
     grad_clip:float = 1.0            # clip the gradient norm to this
     seed:int = 0                     # seed of the data order, the initialisation, dropout and PPT pairs
@@ -195,6 +196,8 @@ def _check_choices(self:SpeederConfig):
         raise SpeederError(f"answer={self.answer!r} needs item_weight or dense_weight above 0 (the item head would never train)")
     if self.sequence_skip and 'sequence' not in self.modalities:
         raise SpeederError("sequence_skip needs 'sequence' in modalities (the skip reads the SASRec features)")
+    if self.item_bias_prior and not self.item_bias:
+        raise SpeederError('item_bias_prior needs item_bias=true (it is where the per-item score starts)')
     if self.history_prompt and self.answer != NEXT:
         raise SpeederError(f"history_prompt needs answer='next' (answer={self.answer!r} reads the prompt after the history)")
 
@@ -226,8 +229,8 @@ PRESETS = dict(
     tiny=dict(llm=STAND_IN, sequence_features='zeros', lora_r=4, d_model=32, n_heads=2),   # tests and CI
     train=dict(max_steps=100),                                                          # a bare `speeder train`
     demo=dict(minutes=7.5, curve_points=4, curve_examples=100, checkpoint_every=100),   # `speeder demo`, `speeder ablate`
-    compare=dict(minutes=5.0, eval_examples=300, curve_examples=100, curve_points=4,   # `speeder compare`
-                 calibration_warmup=10),   # a text baseline's ~400-token steps settle only after ~10 (16_train)
+    compare=dict(minutes=5.0, eval_examples=300, curve_examples=50, curve_points=3,   # `speeder compare`: text baselines generate each curve answer
+                 calibration_warmup=2),   # a text baseline's first ~400-token steps run slowest; re-plans follow the rest (16_train)
     # the paper's recipe (`--recipe paper`): no training aid beyond the paper; the LM loss on the answer and PPT stay
     paper=dict(listwise_weight=0.0, spread_weight=0.0, letter_weight=0.0, token_scale='none', mpo='on',
                answer=LETTER, dense_weight=0.0),

@@ -18,7 +18,7 @@ from .dist import init_distributed, is_main, log_main, on_main, world_size
 from .backbone import check_llm
 from .model import SpeederRecommender, load_weights, save_weights
 from .answer import check_mode, evaluate, evaluate_both, recommend
-from .train import history_summary, steps_for_minutes, time_per_step, total_steps, training_split
+from .train import history_summary, total_steps, training_split
 from .mpo import mpo_stages, train_stages
 from .references import REFERENCE_NAMES, history_controls, reference_lines
 from .results import reference_rows, seed_row, spread_table
@@ -34,18 +34,11 @@ __all__ = ['RECIPES', 'SWITCHES', 'ABLATIONS', 'STUDY', 'ABLATION_COLUMNS', 'ABL
            'ablation_markdown', 'plot_seed_runs', 'check_seeds', 'ablation_run', 'ablate_main']
 
 # %% ../nbs/21_experiments.ipynb #96194b2f
-def budget_steps(model:SpeederRecommender, # the model to train (its steps are timed when `cfg.minutes` is set)
-                 examples:Split, # training examples with candidates
-                 cfg:SpeederConfig|None=None, # the budget (default `model.cfg`)
-                 timer=time_per_step, # called as timer(model, examples, cfg): seconds per step (a baseline's: per stage)
-                )->tuple:
-    ("(steps, seconds per step, seconds the calibration took): from `cfg.minutes` by timing this model's steps, "
-     "else from max_steps/epochs (None, 0).")
-    cfg = cfg or model.cfg
-    if not cfg.minutes: return total_steps(cfg, len(examples)), None, 0.0
-    t0 = time.time()
-    s = timer(model, examples, cfg)
-    return steps_for_minutes(cfg.minutes, s), s, time.time() - t0
+def budget_steps(cfg:SpeederConfig, # the run's budget: `minutes`, else `max_steps` or `epochs`
+                 n_examples:int, # training examples
+                )->int|None:
+    "The run's optimizer steps: None for a minute budget (its first steps time it, `fit_stages`), else `total_steps`."
+    return None if cfg.minutes else total_steps(cfg, n_examples)
 
 def curve_seconds(cfg:SpeederConfig, # the run's config
                  )->float|None:
@@ -88,22 +81,21 @@ def fit_speeder(model:SpeederRecommender, # from `build_model`
                 on_best=None, # called as on_best(point) at each new best point of the valid curve
                 best_weights:dict|None=None, # resuming: the weights of the best point so far (`load_kept`)
                )->dict:
-    ("The final `train_stages` state (with `kept`), the MPO notes, the seconds per step (when timed), the calibration "
-     "and training seconds, the steps done before (`resumed_at`) and the optimizer steps run here (`steps_run`).")
+    ("The final `train_stages` state (with `kept` and the budget's `plans`), the MPO notes, the seconds per step of the "
+     "first plan (a minute budget), the training seconds, the steps done before (`resumed_at`) and the optimizer steps run here (`steps_run`).")
     cfg = model.cfg
     stages, notes = mpo_stages(cfg.modalities, ds.info.get('n_items_with_image', 0) > 0, cfg.mpo_order, cfg.mpo, cfg)
     for n in notes:
         log_main(n)
-    total, s_step, calibration_s = (state['total_steps'], None, 0.0) if state is not None else budget_steps(model, examples, cfg)
-    if s_step:
-        log_main(f'{s_step:.2f} s per training step: {total} steps fill {cfg.minutes} minutes')
+    total = state['total_steps'] if state is not None else budget_steps(cfg, len(examples))
     done = len(state['history']) + len((state['fit_state'] or {}).get('history', [])) if state is not None else 0
     t0 = time.time()
     with counted_steps() as run:
         st = train_stages(model, examples, stages, total, ds.valid if valid else None, cfg.valid_examples,
                           cfg.checkpoint_every, state, save, json_progress, stop_after, curve_every, cfg.curve_examples,
                           on_best=on_best, best_weights=best_weights)
-    return dict(st, notes=notes, s_per_step=s_step, train_s=time.time() - t0, calibration_s=calibration_s,
+    plans = st.get('plans') or []
+    return dict(st, notes=notes, s_per_step=plans[0]['s_per_step'] if plans else None, train_s=time.time() - t0,
                 resumed_at=done, steps_run=run['steps'])
 
 # %% ../nbs/21_experiments.ipynb #451ac8e9
@@ -210,7 +202,7 @@ def _train(build, cfg, ds, state, root, device, json_progress, stop_after, sasre
     keep = lambda point: save_kept(model, build, point) if is_main() else None
     st = fit_speeder(model, ds, examples, True, curve_seconds(cfg), state, save, json_progress, stop_after, keep, best)
     curve_s = sum(p.get('eval_s', 0.0) for p in st['curve'][len(state['curve']) if state else 0:])
-    phases.update(calibration=st['calibration_s'], training=st['train_s'] - curve_s, curve=curve_s)
+    phases.update(training=st['train_s'] - curve_s, curve=curve_s)
     with timed(phases, 'test'):
         result, picks = _run_result(model, ds, cfg, final_folder(build), st, len(examples), sas, root, feats)
     result.update(phases=phases, wall_s=time.time() - t_start)
@@ -371,6 +363,7 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'next-history-item': dict(answer=NEXT, item_weight=1.0, history_prompt=True),   # ... with the item loss there
              'next-history-skip': dict(answer=NEXT, item_weight=0.0, history_prompt=True, sequence_skip=True)}   # ... with the skip
 ABLATIONS['next-history-skip-bias'] = dict(ABLATIONS['next-history-skip'], item_bias=True)   # ... and a learned score per item
+ABLATIONS['next-history-skip-prior'] = dict(ABLATIONS['next-history-skip-bias'], item_bias_prior=True)   # ... starting at popularity
 STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1

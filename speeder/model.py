@@ -18,9 +18,9 @@ from .prompt import SpeederPrompt
 
 # %% auto #0
 __all__ = ['LOSS_KEYS', 'PARAM_GROUPS', 'TRAINED_MODULES', 'LATER_MODULES', 'scale_to_rms', 'spread_loss', 'gather_positions',
-           'ListwiseHead', 'choice_loss', 'ItemHead', 'next_item_targets', 'default_device', 'recommender_backbone',
-           'SpeederRecommender', 'load_recommender', 'group_parameters', 'set_trainable', 'save_weights',
-           'loaded_modules', 'load_weights']
+           'ListwiseHead', 'choice_loss', 'ItemHead', 'next_item_targets', 'log_count_prior', 'default_device',
+           'recommender_backbone', 'SpeederRecommender', 'load_recommender', 'group_parameters', 'set_trainable',
+           'save_weights', 'loaded_modules', 'load_weights']
 
 # %% ../nbs/13_model.ipynb #8f3deaf5
 def scale_to_rms(x:torch.Tensor, # (..., hidden) vectors
@@ -88,6 +88,12 @@ def next_item_targets(histories:torch.Tensor, # (B, L) item ids, left-padded wit
     "(B, L): the item after each history slot (the next slot's; the target after the last); 0 on empty slots."
     following = torch.cat([histories[:, 1:], targets[:, None]], 1)
     return following.masked_fill(histories == 0, 0)
+
+def log_count_prior(counts, # (n_items+1,) how often each item id occurs in the training sequences (row 0: padding)
+                   )->torch.Tensor:
+    "log(1 + count) of each item id, less its mean over the real items: the unigram log-prior a softmax over items starts from."
+    prior = torch.as_tensor(counts, dtype=torch.float32).log1p()
+    return prior - prior[1:].mean()
 
 # %% ../nbs/13_model.ipynb #0f5f3ab7
 def default_device(device=None, # a device or its name (None: cuda when available, else cpu)
@@ -376,6 +382,17 @@ def forward(self:SpeederRecommender, batch:dict, # `SpeederPrompt.batch(..., tar
         res.update(self.dense_terms(out, batch, active))
         loss = loss + cfg.dense_weight * res['dense_loss']
     return dict(res, loss=loss)
+
+# %% ../nbs/13_model.ipynb #03be4bbe
+@patch
+def start_item_bias(self:SpeederRecommender, counts, # (n_items+1,) each item id's count in the training sequences
+                   ):
+    "Start the item head's per-item score at `log_count_prior(counts)` (`item_bias_prior`): an untrained head ranks by popularity."
+    bias = self.item_head.bias
+    if bias is None: raise SpeederError('the item head has no per-item score to start (item_bias=false)')
+    if len(counts) != len(bias): raise SpeederError(f'{len(counts)} item counts for {len(bias)} item ids')
+    with torch.no_grad():
+        bias.copy_(log_count_prior(counts).to(bias.device))
 
 # %% ../nbs/13_model.ipynb #a91729f6
 PARAM_GROUPS = ('text', 'vision', 'sequence', 'shared', 'ppl', 'ppt', 'listwise', 'item', 'lora')   # named trainable parts

@@ -74,16 +74,17 @@ def _stage_record(model, stage, i, steps, hist, secs, valid, valid_examples):
             res[f'valid_{mode}'] = {k: m[k] for k in ('hr1', 'valid_ratio', 'vhr1') if k in m}
     return res
 
-def new_stage_state(total_steps:int, # optimizer steps of all stages together
+def new_stage_state(total_steps:int|None, # optimizer steps of all stages together (None: a minute budget plans them)
                    )->dict:
     "The state of a run that has not trained yet."
-    return dict(stage=0, fit_state=None, stage_results=[], history=[], gates=[], curve=[], total_steps=total_steps)
+    return dict(stage=0, fit_state=None, stage_results=[], history=[], gates=[], curve=[], total_steps=total_steps,
+                plans=[])
 
 # %% ../nbs/17_mpo.ipynb #dc150e9e
 def train_stages(model:SpeederRecommender, # the recommender
                  examples:Split, # training examples with candidates
                  stages:list, # the `MPOStage`s, in order
-                 total_steps:int, # optimizer steps of all stages together
+                 total_steps:int|None, # optimizer steps of all stages together (None: planned from `cfg.minutes`, `fit_stages`)
                  valid:Split|None=None, # valid split for the metrics after each stage (None: none)
                  valid_examples:int=100, # first n valid examples scored after each stage
                  checkpoint_every:int|None=None, # a mid-stage state every n steps (None: stage ends only)
@@ -98,24 +99,30 @@ def train_stages(model:SpeederRecommender, # the recommender
                 )->dict:
     "Train MPO stages in order with `fit_stages` (continuing from `state`); the final state (results, history, gates, curve, kept)."
     st = state or new_stage_state(total_steps)
-    steps = stage_steps(stages, st['total_steps'])
+    planned = {}   # stage -> its steps as last planned (None: not yet)
     curve = ValidCurve(model, valid, curve_examples, curve_every, st['curve'], on_best=on_best, best_weights=best_weights,
                        at_steps=curve_steps(model.cfg, st['total_steps'])) if curve_every and valid else None
     if curve is not None and len(stages) > 1:
         curve.limit_best(stages[-1].name)   # earlier stages answer with fewer modalities than the test will
     def prepare(i, stage, n):
         params = set_trainable(model, stage.train)
+        planned[i] = n
         log_main(f'MPO stage {i + 1}/{len(stages)} "{stage.name}": active={",".join(stage.active)} '
-                 f'train={",".join(stage.train)} steps={n} ({sum(p.numel() for p in params):,} parameters)')
+                 f'train={",".join(stage.train)} steps={n or "planned after the timing steps"} '
+                 f'({sum(p.numel() for p in params):,} parameters)')
         return params
+    def on_plan(plan):
+        st['total_steps'], st['plans'] = plan['total'], st.get('plans', []) + [plan]
+        planned[plan['stage']] = plan['stage_steps']
     def on_step(i, done, step, get_state, record):
         st['gates'].append(model.mrc.gate)
-        if save and checkpoint_every and done % checkpoint_every == 0 and step < steps[i]:
+        last_of_stage = planned.get(i) is not None and step >= planned[i]   # the stage's end saves its own state
+        if save and checkpoint_every and done % checkpoint_every == 0 and not last_of_stage:
             save(f'step-{done:06d}', dict(st, stage=i, fit_state=get_state(), curve=curve.points if curve else []))
         if stop_after is not None and done >= stop_after: raise RunInterrupted(f'stopped after {done} steps')
     def on_stage(i, records, seconds, history):
         nonlocal st
-        rec = _stage_record(model, stages[i], i, steps[i], records, seconds, valid, valid_examples)
+        rec = _stage_record(model, stages[i], i, len(records), records, seconds, valid, valid_examples)
         log_main(f'MPO stage "{stages[i].name}" done: gate={rec["gate"]:.4f} '
                  + ' '.join(f'{k}={v}' for k, v in rec.items() if k.startswith('valid')))
         st = dict(st, stage=i + 1, fit_state=None, stage_results=st['stage_results'] + [rec], history=history,
@@ -123,7 +130,7 @@ def train_stages(model:SpeederRecommender, # the recommender
         if save:
             save(f'stage-{i}-{stages[i].name}', st)
     fit_stages(model, examples, stages, st['total_steps'], prepare, st['history'], st['stage'], st['fit_state'], curve,
-               ('letter_acc', 'listwise_acc', 'lm_loss'), json_progress, on_step, on_stage)
+               ('letter_acc', 'listwise_acc', 'lm_loss'), json_progress, on_step, on_stage, on_plan)
     set_trainable(model, PARAM_GROUPS)
     return dict(st, kept=keep_weights(model, curve, st['history']))
 

@@ -15,7 +15,7 @@ from .spae import plot_order_sensitivity, plot_ppl_similarity
 from .dist import launch_hint, main_first, world_size
 from .model import SpeederRecommender, load_recommender, save_weights
 from .answer import REORDERINGS, order_sensitivity
-from .references import REFERENCE_NAMES, plot_history_controls
+from .references import REFERENCE_NAMES, plot_history_controls, popularity_counts
 from .train import plot_choice_learning, trained_state
 from .mpo import plot_gate, plot_stage_losses
 from .results import controls_markdown, markdown_table, reference_rows, table_cell
@@ -298,8 +298,11 @@ def build_model(ds, # the dataset
                 device=None, # where the model goes (default cuda if available)
                 features:ItemFeatures|None=None, # the run's item features, when already read (None: `run_features`)
                )->SpeederRecommender:
-    "Item features (SASRec for the sequence modality when used) and a fresh recommender for `cfg`."
-    return load_recommender(run_features(ds, cfg, root) if features is None else features, cfg, root, device)
+    "Item features (SASRec for the sequence modality when used) and a fresh recommender for `cfg` (its item score at popularity with `item_bias_prior`)."
+    model = load_recommender(run_features(ds, cfg, root) if features is None else features, cfg, root, device)
+    if cfg.item_bias_prior:
+        model.start_item_bias(popularity_counts(ds))
+    return model
 
 # %% ../nbs/19_runs.ipynb #ee5bff96
 FIGURE_DPI = 90   # the resolution of every saved figure

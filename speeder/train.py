@@ -18,10 +18,10 @@ from .model import LOSS_KEYS, TRAINED_MODULES, SpeederRecommender, group_paramet
 from .answer import autocast, evaluate
 
 # %% auto #0
-__all__ = ['SUMMARY_KEYS', 'lr_at', 'warmup_length', 'run_lr', 'total_steps', 'training_split', 'accumulate_step', 'fit',
-           'history_summary', 'plot_choice_learning', 'time_per_step', 'steps_for_minutes', 'trained_seconds',
-           'token_stats', 'trained_state', 'load_trained_state', 'ValidCurve', 'curve_steps', 'Stage', 'stage_steps',
-           'fit_stages', 'keep_weights']
+__all__ = ['SUMMARY_KEYS', 'lr_at', 'timing_steps', 'warmup_length', 'run_lr', 'total_steps', 'training_split', 'accumulate_step',
+           'fit', 'history_summary', 'plot_choice_learning', 'trained_seconds', 'planned_steps', 'token_stats',
+           'trained_state', 'load_trained_state', 'ValidCurve', 'curve_steps', 'Stage', 'stage_steps', 'stages_left',
+           'plan_stops', 'fit_stages', 'keep_weights']
 
 # %% ../nbs/16_train.ipynb #a0659fa0
 def lr_at(step:int, # 0-based optimizer step of the run
@@ -35,11 +35,17 @@ def lr_at(step:int, # 0-based optimizer step of the run
     frac = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-def warmup_length(cfg:SpeederConfig, # `warmup_steps`, else `warmup_share`
+def timing_steps(cfg:SpeederConfig, # `calibration_warmup` and `calibration_steps`
+                )->int:
+    "Steps a minute budget trains before it plans the rest: `calibration_warmup` untimed, then `calibration_steps` timed."
+    return cfg.calibration_warmup + cfg.calibration_steps
+
+def warmup_length(cfg:SpeederConfig, # `warmup_steps`, else `warmup_share` (a minute budget: its timing steps)
                   total:int, # optimizer steps of the run
                  )->int:
-    "Warm-up steps of a run: `warmup_steps` when set, else `warmup_share` of its steps (at least one)."
+    "Warm-up steps of a run: `warmup_steps` when set; a minute budget's timing steps; else `warmup_share` of its steps (at least one)."
     if cfg.warmup_steps is not None: return cfg.warmup_steps
+    if cfg.minutes: return timing_steps(cfg)   # the run's length is not known before they are timed
     return max(1, round(cfg.warmup_share * total))
 
 def run_lr(cfg:SpeederConfig, # `lr`, `warmup_share` (or `warmup_steps`) and `min_lr_share`
@@ -203,52 +209,19 @@ def plot_choice_learning(history:list, # per-step records or `history_summary` (
     return fig
 
 # %% ../nbs/16_train.ipynb #644dc0a2
-def time_per_step(model:SpeederRecommender, # the recommender, with what trains set trainable
-                  examples:Split, # training examples with candidates
-                  cfg:SpeederConfig|None=None, # batch settings (default `model.cfg`)
-                  n:int|None=None, # timed steps, after `cfg.calibration_warmup` untimed ones (default `cfg.calibration_steps`)
-                  active:tuple|None=None, # modalities MRC uses
-                 )->float:
-    "Mean seconds of one training step (`grad_accum` batches, clipping, an AdamW step at lr 0), changing nothing."
-    cfg = cfg or model.cfg
-    n = n or cfg.calibration_steps
-    idx = np.random.default_rng(cfg.seed).permutation(len(examples))
-    params = [p for p in model.trainable_parameters() if p.requires_grad]
-    opt = _optimizer(model, params, cfg)
-    for g in opt.param_groups:
-        g['lr'] = 0.0   # AdamW at lr 0 moves no weight (decay and update are both scaled by it); its state is thrown away
-    times = []
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == 'cuda' else []):
-        model.train()
-        for i in range(cfg.calibration_warmup + n):
-            t0 = time.time()
-            for a in range(cfg.grad_accum):
-                rows = idx[((i * cfg.grad_accum + a) * cfg.batch_size) % len(idx):][:cfg.batch_size]
-                batch = model.prompt.batch(examples.histories[rows], examples.candidates[rows], examples.targets[rows])
-                with autocast(model.device):
-                    out = model(batch, active)
-                out['loss'].backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if model.device.type == 'cuda':
-                torch.cuda.synchronize(model.device)
-            if i >= cfg.calibration_warmup:
-                times.append(time.time() - t0)
-        model.zero_grad(set_to_none=True)
-        model.eval()
-    return mean_over_ranks(dict(s=float(np.mean(times))))['s']
-
-def steps_for_minutes(minutes:float, # training time to fill
-                      seconds_per_step:float, # from `time_per_step`
-                     )->int:
-    "Optimizer steps that fill `minutes` of training most closely (at least one)."
-    return max(1, round(minutes * 60 / seconds_per_step))
-
 def trained_seconds(history:list, # every step's record of a run, all its stages
                    )->float:
     "The training clock of a run: the sum of its steps' seconds (a record's `seconds` restarts with each stage)."
     return sum(r['step_s'] for r in history)
+
+def planned_steps(cfg:SpeederConfig, # `minutes` to fill; `calibration_steps`: how many of the last steps are timed
+                  history:list, # every step's record of the run so far, all its stages
+                 )->tuple:
+    "(the run's optimizer steps, seconds per step): the steps done and those that fill the rest of `minutes` at the mean of the last `calibration_steps`."
+    timed = history[-cfg.calibration_steps:]
+    agreed = mean_over_ranks(dict(s=float(np.mean([r['step_s'] for r in timed])), trained=trained_seconds(history)))
+    left = cfg.minutes * 60 - agreed['trained']
+    return len(history) + max(0, round(left / agreed['s'])), agreed['s']
 
 # %% ../nbs/16_train.ipynb #034ac224
 @torch.no_grad()
@@ -341,10 +314,10 @@ def due(self:ValidCurve, seconds:float, # seconds of training done
     return seconds >= self.points[-1]['seconds'] + self.every
 
 def curve_steps(cfg:SpeederConfig, # the run's config: a minute budget (`minutes`) and `curve_points`
-                total:int, # optimizer steps the budget came to
+                total:int|None, # optimizer steps the budget came to (None: not planned yet)
                )->tuple|None:
-    "The steps at 1/n, 2/n, ..., n/n of `total` (n = `curve_points`) when minutes set the steps; None otherwise (the curve keeps to seconds)."
-    if not (cfg.minutes and cfg.curve_points): return None
+    "The steps at 1/n, 2/n, ..., n/n of `total` (n = `curve_points`) when minutes set the steps; None otherwise, or before they are planned (the curve keeps to seconds)."
+    if not (cfg.minutes and cfg.curve_points and total): return None
     return tuple(sorted({max(1, round(total * k / cfg.curve_points)) for k in range(1, cfg.curve_points + 1)}))
 
 @patch
@@ -394,12 +367,32 @@ def stage_steps(stages:list, # stages with a `share` each
         steps[i] += 1
     return steps
 
+# %% ../nbs/16_train.ipynb #211c9d0b
+def stages_left(stages:list, # every stage of the run, in order (each with a `share`)
+                i:int, # the first stage not yet finished
+                steps_left:int, # optimizer steps left for stages i, i+1, ...
+               )->list[int]:
+    "Steps of stages i, i+1, ...: `steps_left` shared by their shares (`stage_steps`, at least one each)."
+    later = stages[i:]
+    whole = sum(s.share for s in later)
+    return stage_steps([Stage(s.name, s.share / whole) for s in later], steps_left)
+
+def plan_stops(cfg:SpeederConfig, # `minutes`, the timing settings and `curve_points`
+               total:int|None, # the run's planned steps (None: not planned yet)
+               done:int, # optimizer steps done
+              )->int|None:
+    "The step at which a minute budget next plans its steps: the end of its timing steps, then each curve point before the end; None: no more plans."
+    if not cfg.minutes: return None
+    if total is None: return timing_steps(cfg)
+    later = [p for p in curve_steps(cfg, total) or () if done < p < total]
+    return later[0] if later else None
+
 # %% ../nbs/16_train.ipynb #7467e030
 def fit_stages(model:SpeederRecommender, # the recommender
                examples:Split, # training examples with candidates
                stages:list, # `Stage`s (or any objects with name, share, active and lr), in order
-               total_steps:int, # optimizer steps of all stages together
-               prepare, # prepare(i, stage, steps) -> the parameters stage i trains (it freezes the rest)
+               total_steps:int|None, # optimizer steps of all stages together (None: planned on the way from `cfg.minutes`)
+               prepare, # prepare(i, stage, steps) -> the parameters stage i trains (it freezes the rest); steps None: not planned yet
                history:list|None=None, # records of the stages before `start` (resume)
                start:int=0, # the stage to begin with (resume)
                fit_state:dict|None=None, # `fit`'s state within stage `start` (resume)
@@ -408,30 +401,52 @@ def fit_stages(model:SpeederRecommender, # the recommender
                json_progress:bool=False, # JSON progress lines instead of progress bars
                on_step=None, # on_step(i, done, step, get_state, record) after every optimizer step
                on_stage=None, # on_stage(i, records, seconds, history) after each stage
+               on_plan=None, # on_plan(plan) each time a minute budget plans: dict(step, total, s_per_step, stage, stage_steps)
               )->list[dict]:
-    "Train `stages` in order with `fit`, each its share of `total_steps`; every step's record, with its stage's name."
-    steps, history = stage_steps(stages, total_steps), list(history or [])
-    run_total = sum(steps)   # the one schedule of the run spans every stage
+    "Train `stages` in order with `fit`, each its share of the run's steps (a minute budget plans them on the way, `plan_stops`); every step's record, with its stage's name."
+    cfg, history, total = model.cfg, list(history or []), total_steps
+    if total is None and not cfg.minutes: raise SpeederError('fit_stages needs total_steps, or minutes to plan them from')
+    latest = {}   # the running `fit`'s get_state, to carry its optimizer and random state across a plan
     for i in range(start, len(stages)):
         stage, state = stages[i], fit_state if i == start else None
-        params = prepare(i, stage, steps[i])
-        cfg = replace(model.cfg, max_steps=steps[i], lr=stage.lr or model.cfg.lr, seed=model.cfg.seed + i)
-        before, done_before = trained_seconds(history), sum(steps[:i])   # seconds and steps of earlier stages
+        done_before, before = len(history), trained_seconds(history)   # steps and seconds of the earlier stages
+        split = None if total is None else stages_left(stages, i, total - done_before)
+        steps, total = (None, None) if split is None else (split[0], done_before + sum(split))
+        params = prepare(i, stage, steps)
         if curve and curve.due(0.0) and done_before + (len(state['history']) if state else 0) == 0:
             curve.add(0, 0.0, stage.active, stage=stage.name)
         def step_done(step, get_state, record, i=i, stage=stage, before=before, done_before=done_before):
             done, seconds = done_before + step, before + record['seconds']
-            if curve and (curve.due(seconds, done) or done == sum(steps)):
+            if curve and (curve.due(seconds, done) or done == total):
                 curve.add(done, seconds, stage.active, stage=stage.name, **{k: record[k] for k in curve_keys})
+            latest['get_state'] = get_state
             if on_step is not None:
                 on_step(i, done, step, get_state, record)
         t0 = time.time()
-        records = fit(model, examples, cfg, params, active=stage.active, json_progress=json_progress, state=state,
-                      on_step=step_done, step_offset=done_before, schedule_total=run_total)
-        seconds = time.time() - t0
+        while True:
+            stop = plan_stops(cfg, total, done_before + (len(state['history']) if state else 0))
+            end = steps if stop is None else stop - done_before if steps is None else min(steps, stop - done_before)
+            stage_cfg = replace(cfg, max_steps=end, lr=stage.lr or cfg.lr, seed=cfg.seed + i)
+            latest.clear()
+            records = fit(model, examples, stage_cfg, params, active=stage.active, json_progress=json_progress,
+                          state=state, on_step=step_done, step_offset=done_before, schedule_total=total or end)
+            if stop is None or done_before + len(records) < stop: break   # the stage's last step
+            total, s_step = planned_steps(cfg, history + records)
+            split = stages_left(stages, i, total - done_before)
+            steps = max(split[0], len(records))   # the steps a stage has run stay run
+            total = done_before + steps + sum(split[1:])
+            if curve is not None and curve_steps(cfg, total) is not None:   # the points not taken yet, at their shares
+                curve.at_steps = set(curve_steps(cfg, total)[len(curve.points) - 1:])
+            plan = dict(step=done_before + len(records), total=total, s_per_step=s_step, stage=i, stage_steps=steps)
+            if rank() == 0:
+                log(f'{s_step:.2f} s per training step at step {plan["step"]}: {total} steps fill {cfg.minutes} minutes')
+            if on_plan is not None:
+                on_plan(plan)
+            if len(records) >= steps: break
+            state = latest['get_state']() if latest else state   # no step since the last state: it stands
         history = history + [dict(r, stage=stage.name) for r in records]
         if on_stage is not None:
-            on_stage(i, records, seconds, history)
+            on_stage(i, records, time.time() - t0, history)
     return history
 
 # %% ../nbs/16_train.ipynb #c1a2e3f5
