@@ -4,7 +4,6 @@
 
 # %% ../nbs/20_baselines.ipynb #50e0ccd2
 from __future__ import annotations
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 import torch, torch.nn as nn

@@ -138,6 +138,7 @@ class SpeederRecommender(nn.Module):
         self.llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         self.prompt = prompt(tok) if prompt else SpeederPrompt(tok, cfg.n_candidates, cfg.labels)
         self._keep_logits = keeps_logits(self.llm)
+        self._token_table = {}   # answering's item tokens (`item_token_table`)
         self.to(device)
 
 # %% ../nbs/13_model.ipynb #970a0152
@@ -180,12 +181,20 @@ def load_recommender(features:ItemFeatures, # per-item feature tables (row = ite
 def item_tokens(self:SpeederRecommender, item_ids:torch.Tensor, # item ids of any shape (0 = padding)
                 active:tuple|None=None, # modalities MRC uses (default `cfg.modalities`)
                )->torch.Tensor:
-    "One LLM-sized token per item: `(*item_ids.shape, hidden)`; padding items get zeros."
+    "One LLM-sized token per item: `(*item_ids.shape, hidden)`; padding items get zeros. Answering (eval mode, no gradient) looks them up in `item_token_table`."
     flat = item_ids.reshape(-1).to(self.device)
-    uniq, inv = flat.unique(return_inverse=True)
     n = len(self.text_table) - 1
-    if len(uniq) and (uniq[0] < 0 or uniq[-1] > n):
-        raise SpeederError(f'item ids must lie in 0..{n} (the feature tables); got {int(uniq[0])}..{int(uniq[-1])}')
+    if len(flat) and (flat.min() < 0 or flat.max() > n):
+        raise SpeederError(f'item ids must lie in 0..{n} (the feature tables); got {int(flat.min())}..{int(flat.max())}')
+    if self.training or torch.is_grad_enabled(): return self.encode_items(flat, active).reshape(*item_ids.shape, -1)
+    return self.item_token_table(active)[flat].reshape(*item_ids.shape, -1)
+
+@patch
+def encode_items(self:SpeederRecommender, flat:torch.Tensor, # (n,) item ids in 0..n_items, on the model's device
+                 active:tuple|None=None, # modalities MRC uses (default `cfg.modalities`)
+                )->torch.Tensor:
+    "(n, hidden): MRC on each distinct item of `flat` once, rescaled as `token_scale` says; zeros for the padding item 0."
+    uniq, inv = flat.unique(return_inverse=True)
     real = uniq[uniq > 0]
     feats = {m: getattr(self, f'{m}_table')[real] for m in MODALITIES}
     ones = torch.ones(len(real), dtype=torch.bool, device=flat.device)
@@ -195,7 +204,17 @@ def item_tokens(self:SpeederRecommender, item_ids:torch.Tensor, # item ids of an
     if self.cfg.token_scale == 'rms':
         out = scale_to_rms(out, self.word_rms)
     table = torch.cat([out.new_zeros(1, out.shape[-1]), out]) if (uniq == 0).any() else out
-    return table[inv].reshape(*item_ids.shape, -1)
+    return table[inv]
+
+@patch
+def item_token_table(self:SpeederRecommender, active:tuple|None=None, # modalities MRC uses (default `cfg.modalities`)
+                    )->torch.Tensor:
+    "(n_items+1, hidden): every item's token, made once and kept while MRC's weights stay as they are (each in-place change bumps a tensor's version)."
+    key = (tuple(active or self.cfg.modalities), tuple(p._version for p in self.mrc.parameters()))
+    if self._token_table.get('key') != key:
+        with torch.no_grad():
+            self._token_table = dict(key=key, table=self.encode_items(torch.arange(len(self.text_table), device=self.device), active))
+    return self._token_table['table']
 
 # %% ../nbs/13_model.ipynb #12483562
 @patch

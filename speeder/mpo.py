@@ -10,7 +10,7 @@ from .config import ANSWER_MODES, JOINT, MODALITIES, SpeederConfig, SpeederError
 from .data import Split
 from .model import SpeederRecommender, PARAM_GROUPS, set_trainable
 from .answer import evaluate
-from .train import ValidCurve, curve_steps, fit_stages, keep_weights, stage_steps
+from .train import ValidCurve, curve_steps, fit_stages, keep_weights
 from .dist import log_main
 
 # %% auto #0

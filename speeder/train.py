@@ -19,9 +19,9 @@ from .answer import autocast, evaluate
 
 # %% auto #0
 __all__ = ['SUMMARY_KEYS', 'lr_at', 'timing_steps', 'warmup_length', 'run_lr', 'total_steps', 'training_split', 'accumulate_step',
-           'fit', 'history_summary', 'plot_choice_learning', 'trained_seconds', 'planned_steps', 'token_stats',
-           'trained_state', 'load_trained_state', 'ValidCurve', 'curve_steps', 'Stage', 'stage_steps', 'stages_left',
-           'plan_stops', 'fit_stages', 'keep_weights']
+           'extended_order', 'fit', 'history_summary', 'plot_choice_learning', 'trained_seconds', 'planned_steps',
+           'token_stats', 'trained_state', 'load_trained_state', 'ValidCurve', 'curve_steps', 'Stage', 'stage_steps',
+           'stages_left', 'fit_stages', 'keep_weights']
 
 # %% ../nbs/16_train.ipynb #a0659fa0
 def lr_at(step:int, # 0-based optimizer step of the run
@@ -113,6 +113,16 @@ def accumulate_step(model:SpeederRecommender, # the recommender
     return mean_over_ranks(rec)
 
 # %% ../nbs/16_train.ipynb #82a545fc
+def extended_order(order:np.ndarray, # the run's order of example indices so far
+                   rng:np.random.Generator, # the run's seeded generator (it drew `order`)
+                   n_examples:int, # training examples
+                   needed:int, # example slots the run's steps take
+                  )->np.ndarray:
+    "`order` followed by whole permutations of the examples, drawn in turn, until it holds `needed`: a longer run extends the same order."
+    while len(order) < needed:
+        order = np.concatenate([order, rng.permutation(n_examples)])
+    return order
+
 def fit(model:SpeederRecommender, # the recommender
         examples:Split, # training examples with candidates (see `training_split`)
         cfg:SpeederConfig|None=None, # optimisation settings (default `model.cfg`); torchrun: `batch_size` per rank
@@ -124,6 +134,7 @@ def fit(model:SpeederRecommender, # the recommender
         on_step=None, # called as on_step(steps_done, get_state, record) after every optimizer step
         step_offset:int=0, # steps of the run before this call (earlier stages): where it reads the schedule
         schedule_total:int|None=None, # optimizer steps of the whole run (None: this call's, a one-stage run)
+        replan=None, # replan(records) -> (this call's steps, the run's steps) after every step: a minute budget's plan (`fit_stages`)
        )->list[dict]:
     "Train with AdamW + the run's warm-up/cosine; one record per optimizer step. Under torchrun: DDP, each rank its slice."
     cfg = cfg or model.cfg
@@ -137,7 +148,7 @@ def fit(model:SpeederRecommender, # the recommender
     total = total_steps(cfg, len(examples))
     run_total = schedule_total or total
     warmup = warmup_length(cfg, run_total)   # one warm-up per run, however many stages call `fit`
-    order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(total * per_step / len(examples)))])
+    order = extended_order(np.zeros(0, dtype=np.int64), rng, len(examples), total * per_step)
     history, start, trained_s = [], 0, 0.0
     if state is not None:   # resume: same data order (a function of the seed), restored optimizer and random states
         opt.load_state_dict(state['tensors']['optimizer'])
@@ -147,8 +158,9 @@ def fit(model:SpeederRecommender, # the recommender
     get_state = lambda: dict(tensors=dict(optimizer=opt.state_dict(), rng=rng_state(gen)), history=list(history))
     net = ddp(model)   # `model` itself in a single process
     model.train()
-    bar = progress(range(start, total), desc='fit', disable=json_progress or rank() > 0, initial=start, total=total)
-    for step in bar:
+    bar = progress(desc='fit', disable=json_progress or rank() > 0, initial=start, total=total)
+    step = start
+    while step < total:   # `replan` may move the end while the run trains
         t_step = time.time()
         for g in opt.param_groups:
             g['lr'] = lr_at(step_offset + step, g['peak_lr'], warmup, run_total, cfg.min_lr_share)
@@ -161,12 +173,19 @@ def fit(model:SpeederRecommender, # the recommender
         rec.update(step=step + 1, lr=opt.param_groups[0]['lr'], grad_norm=float(gnorm), step_s=step_s,
                    seconds=trained_s, examples_per_s=(step + 1) * per_step / trained_s)
         history.append(rec)
+        if replan is not None:
+            total, run_total = replan(history)
+            bar.total = total
+            order = extended_order(order, rng, len(examples), total * per_step)
         if json_progress and rank() == 0 and ((step + 1) % log_every == 0 or step + 1 == total):
             log(json.dumps({k: round(v, 4) for k, v in rec.items()}))
+        bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", letter=f"{rec['letter_acc']:.2f}",
                         ex_s=f"{rec['examples_per_s']:.1f}", refresh=False)
         if on_step is not None:
             on_step(step + 1, get_state, rec)
+        step += 1
+    bar.close()
     model.eval()
     return history
 
@@ -377,16 +396,6 @@ def stages_left(stages:list, # every stage of the run, in order (each with a `sh
     whole = sum(s.share for s in later)
     return stage_steps([Stage(s.name, s.share / whole) for s in later], steps_left)
 
-def plan_stops(cfg:SpeederConfig, # `minutes`, the timing settings and `curve_points`
-               total:int|None, # the run's planned steps (None: not planned yet)
-               done:int, # optimizer steps done
-              )->int|None:
-    "The step at which a minute budget next plans its steps: the end of its timing steps, then each curve point before the end; None: no more plans."
-    if not cfg.minutes: return None
-    if total is None: return timing_steps(cfg)
-    later = [p for p in curve_steps(cfg, total) or () if done < p < total]
-    return later[0] if later else None
-
 # %% ../nbs/16_train.ipynb #7467e030
 def fit_stages(model:SpeederRecommender, # the recommender
                examples:Split, # training examples with candidates
@@ -401,12 +410,12 @@ def fit_stages(model:SpeederRecommender, # the recommender
                json_progress:bool=False, # JSON progress lines instead of progress bars
                on_step=None, # on_step(i, done, step, get_state, record) after every optimizer step
                on_stage=None, # on_stage(i, records, seconds, history) after each stage
-               on_plan=None, # on_plan(plan) each time a minute budget plans: dict(step, total, s_per_step, stage, stage_steps)
+               on_plan=None, # on_plan(plan) each time a minute budget's plan changes: dict(step, total, s_per_step, stage, stage_steps)
               )->list[dict]:
-    "Train `stages` in order with `fit`, each its share of the run's steps (a minute budget plans them on the way, `plan_stops`); every step's record, with its stage's name."
+    "Train `stages` in order with `fit`, each its share of the run's steps (a minute budget plans them after every step); every step's record, with its stage's name."
     cfg, history, total = model.cfg, list(history or []), total_steps
     if total is None and not cfg.minutes: raise SpeederError('fit_stages needs total_steps, or minutes to plan them from')
-    latest = {}   # the running `fit`'s get_state, to carry its optimizer and random state across a plan
+    timing = timing_steps(cfg)
     for i in range(start, len(stages)):
         stage, state = stages[i], fit_state if i == start else None
         done_before, before = len(history), trained_seconds(history)   # steps and seconds of the earlier stages
@@ -415,35 +424,36 @@ def fit_stages(model:SpeederRecommender, # the recommender
         params = prepare(i, stage, steps)
         if curve and curve.due(0.0) and done_before + (len(state['history']) if state else 0) == 0:
             curve.add(0, 0.0, stage.active, stage=stage.name)
+        def replan(records, i=i, done_before=done_before):
+            "After each step of a minute budget: (this stage's steps, the run's), planned from the steps so far once the timing is done."
+            nonlocal steps, total
+            done = done_before + len(records)
+            if total is None and done < timing: return timing - done_before, timing
+            planned, s_step = planned_steps(cfg, history + records)
+            split = stages_left(stages, i, planned - done_before)
+            steps = max(split[0], len(records))   # the steps a stage has run stay run
+            planned = done_before + steps + sum(split[1:])
+            if planned != total:
+                if total is None and rank() == 0:
+                    log(f'{s_step:.2f} s per training step over steps {done - cfg.calibration_steps + 1}-{done}: '
+                        f'{planned} steps fill {cfg.minutes} minutes (planned again after every step)')
+                if curve is not None and curve_steps(cfg, planned) is not None:   # the points not taken yet, at their shares of the new plan (now if past)
+                    curve.at_steps = {max(p, done) for p in curve_steps(cfg, planned)[len(curve.points) - 1:]}
+                if on_plan is not None:
+                    on_plan(dict(step=done, total=planned, s_per_step=s_step, stage=i, stage_steps=steps))
+            total = planned
+            return steps, total
         def step_done(step, get_state, record, i=i, stage=stage, before=before, done_before=done_before):
             done, seconds = done_before + step, before + record['seconds']
             if curve and (curve.due(seconds, done) or done == total):
                 curve.add(done, seconds, stage.active, stage=stage.name, **{k: record[k] for k in curve_keys})
-            latest['get_state'] = get_state
             if on_step is not None:
                 on_step(i, done, step, get_state, record)
+        stage_cfg = replace(cfg, max_steps=steps or timing, lr=stage.lr or cfg.lr, seed=cfg.seed + i)
         t0 = time.time()
-        while True:
-            stop = plan_stops(cfg, total, done_before + (len(state['history']) if state else 0))
-            end = steps if stop is None else stop - done_before if steps is None else min(steps, stop - done_before)
-            stage_cfg = replace(cfg, max_steps=end, lr=stage.lr or cfg.lr, seed=cfg.seed + i)
-            latest.clear()
-            records = fit(model, examples, stage_cfg, params, active=stage.active, json_progress=json_progress,
-                          state=state, on_step=step_done, step_offset=done_before, schedule_total=total or end)
-            if stop is None or done_before + len(records) < stop: break   # the stage's last step
-            total, s_step = planned_steps(cfg, history + records)
-            split = stages_left(stages, i, total - done_before)
-            steps = max(split[0], len(records))   # the steps a stage has run stay run
-            total = done_before + steps + sum(split[1:])
-            if curve is not None and curve_steps(cfg, total) is not None:   # the points not taken yet, at their shares
-                curve.at_steps = set(curve_steps(cfg, total)[len(curve.points) - 1:])
-            plan = dict(step=done_before + len(records), total=total, s_per_step=s_step, stage=i, stage_steps=steps)
-            if rank() == 0:
-                log(f'{s_step:.2f} s per training step at step {plan["step"]}: {total} steps fill {cfg.minutes} minutes')
-            if on_plan is not None:
-                on_plan(plan)
-            if len(records) >= steps: break
-            state = latest['get_state']() if latest else state   # no step since the last state: it stands
+        records = fit(model, examples, stage_cfg, params, active=stage.active, json_progress=json_progress, state=state,
+                      on_step=step_done, step_offset=done_before, schedule_total=total or timing,
+                      replan=replan if cfg.minutes else None)
         history = history + [dict(r, stage=stage.name) for r in records]
         if on_stage is not None:
             on_stage(i, records, time.time() - t0, history)
