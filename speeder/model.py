@@ -209,8 +209,8 @@ def encode_items(self:SpeederRecommender, flat:torch.Tensor, # (n,) item ids in 
 @patch
 def item_token_table(self:SpeederRecommender, active:tuple|None=None, # modalities MRC uses (default `cfg.modalities`)
                     )->torch.Tensor:
-    "(n_items+1, hidden): every item's token, made once and kept while MRC's weights stay as they are (each in-place change bumps a tensor's version)."
-    key = (tuple(active or self.cfg.modalities), tuple(p._version for p in self.mrc.parameters()))
+    "(n_items+1, hidden): every item's token, made once and kept while MRC's weights stay as they are (each in-place change bumps a tensor's version) and where they are."
+    key = (tuple(active or self.cfg.modalities), self.device, tuple(p._version for p in self.mrc.parameters()))
     if self._token_table.get('key') != key:
         with torch.no_grad():
             self._token_table = dict(key=key, table=self.encode_items(torch.arange(len(self.text_table), device=self.device), active))
