@@ -155,7 +155,7 @@ def test_demo_phases_fit_in_its_wall_time(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     phases = res['phases']
-    assert set(phases) == {'assets', 'sasrec', 'features', 'calibration', 'training', 'curve', 'test', 'report'}
-    assert all(v >= 0 for v in phases.values()) and phases['calibration'] > 0 and phases['curve'] > 0
+    assert set(phases) == {'assets', 'sasrec', 'features', 'training', 'curve', 'test', 'report'}   # timing is training
+    assert all(v >= 0 for v in phases.values()) and phases['training'] > 0 and phases['curve'] > 0
     assert sum(phases.values()) <= res['wall_s'] <= res['command_wall_s']
     assert res['order_sensitivity']['original_hr1'] == pytest.approx(res['score_hr1'])   # the test picks, reused

@@ -11,8 +11,8 @@ from speeder.backbone import add_lora, check_causal_lm, load_backbone, tiny_llm,
 from speeder.prompt import SpeederPrompt, ITEM_TOKEN, render_prompt
 from speeder.model import SpeederRecommender, LOSS_KEYS, load_recommender
 from speeder.answer import evaluate, evaluate_both, order_sensitivity, recommend, reorder_histories
-from speeder.train import (Stage, ValidCurve, fit, fit_stages, keep_weights, run_lr, steps_for_minutes, time_per_step,
-                           token_stats, trained_state, warmup_length)
+from speeder.train import (Stage, ValidCurve, fit, fit_stages, keep_weights, run_lr, timing_steps, token_stats,
+                           trained_state, warmup_length)
 from speeder.mpo import mpo_stages, train_stages
 
 @pytest.fixture(autouse=True, scope='module')
@@ -286,15 +286,15 @@ def test_listwise_loss_and_its_switch():
     assert np.mean([r['listwise_acc'] for r in hist[-10:]]) > np.mean([r['listwise_acc'] for r in hist[:10]])
 
 def test_minutes_budget_and_the_valid_curve():
-    "A budget of a fraction of a minute: its steps follow from timing, the curve has a start, spaced points and an end."
+    "A budget of a fraction of a minute: its steps are planned while it trains, the curve has a start, spaced points and an end."
     toy, cfg = _toy(16), SpeederConfig.preset(STAND_IN, minutes=0.01, batch_size=4)
     m = SpeederRecommender(random_features(), cfg, load_backbone(STAND_IN), device='cpu')
-    total = steps_for_minutes(cfg.minutes, time_per_step(m, toy))
     stages = mpo_stages(cfg.modalities, has_images=False, mpo='on', cfg=cfg)[0]
     every = 0.1
-    st = train_stages(m, toy, stages, total, toy, curve_every=every, curve_examples=8, json_progress=True)
+    st = train_stages(m, toy, stages, None, toy, curve_every=every, curve_examples=8, json_progress=True)
     pts, hist = st['curve'], st['history']
-    assert len(hist) == max(total, len(stages))   # the budget's steps exactly (at least one per stage)
+    assert len(hist) == st['total_steps'] >= timing_steps(cfg)   # the last plan's steps exactly, the timing steps among them
+    assert st['plans'][0]['step'] == timing_steps(cfg) and st['plans'][-1]['total'] == st['total_steps']
     assert (pts[0]['step'], pts[0]['seconds'], pts[0]['stage']) == (0, 0.0, 'text')
     assert (pts[-1]['step'], pts[-1]['stage']) == (len(hist), JOINT)
     assert pts[-1]['seconds'] == pytest.approx(sum(r['step_s'] for r in hist))
@@ -331,14 +331,15 @@ def test_one_schedule_per_run_across_stages():
     assert [r['lr'] for r in fixed][:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])   # warmup_steps overrides the share
     assert fixed[-1]['lr'] == pytest.approx(1e-4)
 
-def test_time_per_step_times_calibration_steps():
-    m, calls = _model(calibration_steps=3, batch_size=4), []
+def test_timing_steps_are_training_steps():
+    "A minute budget runs no step outside its training: its first `timing_steps` (1 untimed + 3 timed) are its warm-up."
+    m, calls, plans = _model(calibration_steps=3, batch_size=4, minutes=0.005), [], []
     hook = m.register_forward_hook(lambda *a: calls.append(1))
-    assert time_per_step(m, _toy(16)) > 0
-    assert len(calls) == 4   # one untimed step, then `calibration_steps` timed ones
-    time_per_step(m, _toy(16), n=1)
+    hist = fit_stages(m, _toy(16), [Stage(JOINT)], None, lambda i, s, n: m.trainable_parameters(), json_progress=True,
+                      on_plan=plans.append)
     hook.remove()
-    assert len(calls) == 6
+    assert len(calls) == len(hist) and plans[0]['step'] == timing_steps(m.cfg) == 4
+    assert [r['lr'] for r in hist[:4]] == pytest.approx([m.cfg.lr * k / 4 for k in (1, 2, 3, 4)])
 
 def test_kept_weights_are_the_best_valid_point(monkeypatch):
     "A curve point after every step, valid HR@1 forced: the kept weights are those of the best point, not the last."
