@@ -2,6 +2,7 @@
 import pytest
 from speeder.config import JOINT, SpeederConfig, SpeederError
 import speeder.mpo as mpo
+from speeder.train import stage_steps
 
 def test_stage_plans():
     names = lambda **kw: [s.name for s in mpo.mpo_stages(**kw)[0]]
@@ -16,8 +17,8 @@ def test_stage_plans():
 
 def test_stage_steps_cover_the_budget():
     stages, _ = mpo.mpo_stages(has_images=False, mpo='on')
-    assert mpo.stage_steps(stages, 10) == [5, 5] and sum(mpo.stage_steps(mpo.mpo_stages()[0], 100)) == 100
-    assert mpo.stage_steps(stages, 1) == [1, 1]   # every stage runs at least once
+    assert stage_steps(stages, 10) == [5, 5] and sum(stage_steps(mpo.mpo_stages()[0], 100)) == 100
+    assert stage_steps(stages, 1) == [1, 1]   # every stage runs at least once
 
 def test_stage_shares_come_from_the_config():
     from speeder.config import SpeederConfig
