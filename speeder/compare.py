@@ -21,7 +21,8 @@ from .baselines import BASELINES, BASELINE_STAGES, baseline_model, train_baselin
 from .experiments import budget_steps, check_seeds, curve_seconds, fit_speeder, with_budget
 
 # %% auto #0
-__all__ = ['COMPARE_KEYS', 'COMPARE_COLUMNS', 'compare_main', 'compare_curves', 'plot_compare', 'curve_modes', 'compare_markdown']
+__all__ = ['COMPARE_KEYS', 'COMPARE_COLUMNS', 'compare_main', 'compare_curves', 'plot_compare', 'curve_modes', 'compare_markdown',
+           'method_curve', 'curve_crossings', 'crossing_sentence']
 
 # %% ../nbs/22_compare.ipynb #d090f468
 def _method_row(method:str, model, ds, examples, fitted:dict, train_s:float, eval_examples)->dict:
@@ -213,3 +214,50 @@ def compare_markdown(res:dict, # what `compare_main` returns (or its compare.jso
         f"\n\nTest numbers are generate mode for every method (HR@1 (score mode) where a method can also score)." \
         f"{curve_modes(res)} Same budget for every LLM method: {same}, batch {b['batch_size']}, " \
         f"{b['train_examples']} training examples." + (f' Runs per method: {runs}.' if runs else '')
+
+# %% ../nbs/22_compare.ipynb #bca991d9
+def method_curve(runs:list, # one method's runs (`compare_main`'s `runs`), each with a `curve`
+                )->list:
+    "The method's valid curve over its seeds, point by point: the mean training seconds and the mean HR@1 at each shared point."
+    n = min(len(r['curve']) for r in runs)
+    return [dict(seconds=float(np.mean([r['curve'][i]['seconds'] for r in runs])),
+                 hr1=float(np.mean([r['curve'][i]['hr1'] for r in runs]))) for i in range(n)]
+
+def _lead_changes(lead:list, # one method's lead over another at each point
+                 )->list:
+    "The pairs of points (i, j) between which the lead changes sign (points where the two are level are skipped)."
+    signed = [(i, np.sign(d)) for i, d in enumerate(lead) if d != 0]
+    return [(i, j) for (i, s), (j, t) in zip(signed, signed[1:]) if s != t]
+
+def curve_crossings(res:dict, # what `compare_main` returns (or its compare.json)
+                    against:str=SPEEDER, # the method whose mean curve every other is read against
+                   )->dict:
+    "method -> `lead` (`against`'s mean valid HR@1 minus the method's, at each shared point) and its `crossings`."
+    curves = {}
+    for run in res.get('runs', []):
+        if run.get('curve'): curves.setdefault(run['method'], []).append(run)
+    if against not in curves: return {}
+    mine = method_curve(curves.pop(against))
+    out = {}
+    for m, runs in curves.items():
+        theirs = method_curve(runs)
+        lead = [a['hr1'] - b['hr1'] for a, b in zip(mine, theirs)]
+        crossings = [dict(between=(mine[i]['seconds'], mine[j]['seconds']), ahead=against if lead[j] > 0 else m)
+                     for i, j in _lead_changes(lead)]
+        out[m] = dict(lead=lead, crossings=crossings)
+    return out
+
+def crossing_sentence(res:dict, # what `compare_main` returns (or its compare.json)
+                      against:str=SPEEDER, # the method whose mean curve every other is read against
+                     )->str:
+    "Where the valid curves cross, in words: each method's crossings with `against`'s mean curve, or who leads throughout."
+    parts = []
+    for m, c in curve_crossings(res, against).items():
+        crossed = [f"cross between minute {x['between'][0] / 60:.1f} and {x['between'][1] / 60:.1f} ({x['ahead']} ahead after)"
+                   for x in c['crossings']]
+        leads = [d for d in c['lead'] if d != 0]
+        level = 'level at every point' if not leads else f"{against if leads[0] > 0 else m} ahead at every point where they differ"
+        parts.append(f"against {m}, they " + (', then '.join(crossed) if crossed else f'never cross ({level})'))
+    if not parts: return ''
+    return (f"Where the valid curves cross ({against}'s mean over its seeds, at the same shares of the budget): "
+            + '; '.join(parts) + '.')
