@@ -21,8 +21,8 @@ from .baselines import BASELINES, BASELINE_STAGES, baseline_model, train_baselin
 from .experiments import budget_steps, check_seeds, curve_seconds, fit_speeder, with_budget
 
 # %% auto #0
-__all__ = ['COMPARE_KEYS', 'COMPARE_COLUMNS', 'compare_main', 'compare_curves', 'plot_compare', 'curve_modes', 'compare_markdown',
-           'method_curve', 'curve_crossings', 'crossing_sentence']
+__all__ = ['COMPARE_KEYS', 'COMPARE_COLUMNS', 'LEVEL', 'compare_main', 'compare_curves', 'plot_compare', 'curve_modes',
+           'compare_markdown', 'method_curve', 'curve_crossings', 'crossing_sentence']
 
 # %% ../nbs/22_compare.ipynb #d090f468
 def _method_row(method:str, model, ds, examples, fitted:dict, train_s:float, eval_examples)->dict:
@@ -223,10 +223,12 @@ def method_curve(runs:list, # one method's runs (`compare_main`'s `runs`), each 
     return [dict(seconds=float(np.mean([r['curve'][i]['seconds'] for r in runs])),
                  hr1=float(np.mean([r['curve'][i]['hr1'] for r in runs]))) for i in range(n)]
 
+LEVEL = 1e-9   # leads closer to zero than this are ties (HR@1s are averaged floats: 0.04 can come out as 0.039999...)
+
 def _lead_changes(lead:list, # one method's lead over another at each point
                  )->list:
     "The pairs of points (i, j) between which the lead changes sign (points where the two are level are skipped)."
-    signed = [(i, np.sign(d)) for i, d in enumerate(lead) if d != 0]
+    signed = [(i, np.sign(d)) for i, d in enumerate(lead) if abs(d) > LEVEL]
     return [(i, j) for (i, s), (j, t) in zip(signed, signed[1:]) if s != t]
 
 def curve_crossings(res:dict, # what `compare_main` returns (or its compare.json)
@@ -255,7 +257,7 @@ def crossing_sentence(res:dict, # what `compare_main` returns (or its compare.js
     for m, c in curve_crossings(res, against).items():
         crossed = [f"cross between minute {x['between'][0] / 60:.1f} and {x['between'][1] / 60:.1f} ({x['ahead']} ahead after)"
                    for x in c['crossings']]
-        leads = [d for d in c['lead'] if d != 0]
+        leads = [d for d in c['lead'] if abs(d) > LEVEL]
         level = 'level at every point' if not leads else f"{against if leads[0] > 0 else m} ahead at every point where they differ"
         parts.append(f"against {m}, they " + (', then '.join(crossed) if crossed else f'never cross ({level})'))
     if not parts: return ''
