@@ -14,7 +14,7 @@ from .encoders import model_folder, weights_fingerprint
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_GGUF', 'CAUSAL_SUFFIXES', 'PACKAGED_LLMS', 'TINY_LLAMA', 'TINY_SEED', 'TINY_EMBED_STD',
            'gguf_to_hf', 'smollm2_folder', 'smollm2_tokenizer', 'check_causal_lm', 'check_llm', 'tiny_llm',
-           'load_backbone', 'add_lora', 'keeps_logits']
+           'load_backbone', 'add_lora', 'keeps_logits', 'decoder_of', 'keep_lowest_blocks']
 
 # %% ../nbs/11_backbone.ipynb #6c565a3d
 SMOLLM2 = 'smollm2-135m-instruct'                 # packaged asset of the default backbone
@@ -181,3 +181,20 @@ def keeps_logits(llm, # a causal LM, peft-wrapped or not
     "Does the model's forward take `logits_to_keep` (logits of the last positions only)?"
     base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
     return 'logits_to_keep' in inspect.signature(base.forward).parameters
+
+def decoder_of(llm, # a causal LM, peft-wrapped or not
+              ):
+    "The LM's stack of blocks without its LM head (LoRA adapters, where added, included): for a pass that needs hidden states, not logits."
+    return (llm.get_base_model() if hasattr(llm, 'get_base_model') else llm).get_decoder()
+
+# %% ../nbs/11_backbone.ipynb #ab5833fc
+def keep_lowest_blocks(llm, # a causal LM (before `add_lora`)
+                       share:float, # the share of its transformer blocks kept, from the bottom (at least one)
+                      )->int:
+    "Cut `llm` down to its lowest `round(share × depth)` blocks, in place: a forward pass runs only those. Returns how many are kept."
+    decoder = llm.get_decoder()
+    if not hasattr(decoder, 'layers'): raise SpeederError(f'{type(llm).__name__} has no list of blocks to cut')
+    kept = max(1, round(share * len(decoder.layers)))
+    decoder.layers = decoder.layers[:kept]
+    llm.config.num_hidden_layers = kept
+    return kept

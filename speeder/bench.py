@@ -16,8 +16,9 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['RATIOS', 'LIMIT_RATIOS', 'LIMIT_OF', 'BENCH_METHODS', 'BENCH_COLUMNS', 'prompt_tokens', 'summary', 'peak_memory',
            'training_throughput', 'step_breakdown', 'answer_tokens', 'train_answer_tokens', 'answer_once', 'latency',
-           'answer_breakdown', 'bench_method', 'bench_ratios', 'random_ids', 'bare_step_s', 'bare_answer',
-           'backbone_limits', 'limit_ratios', 'bench_main', 'plot_bench', 'bench_markdown', 'breakdown_markdown']
+           'answer_breakdown', 'bench_method', 'bench_ratios', 'random_ids', 'bare_step_s', 'read_mask', 'bare_call',
+           'bare_backbone', 'backbone_limits', 'limit_ratios', 'bench_main', 'plot_bench', 'bench_markdown',
+           'breakdown_markdown']
 
 # %% ../nbs/23_bench.ipynb #6e211777
 from .config import (DEFAULT_DATASET, DEFAULT_LLM, GENERATE, ITEM_HEADS, MODALITIES, SCORE, SPEEDER, STAND_IN,
@@ -30,7 +31,7 @@ from .train import fit, training_split
 from .results import markdown_table, table_cell
 from .runs import build_model, check_writable, default_run_name, run_features, runs_root, save_figure
 from .baselines import BASELINES, baseline_model
-from .backbone import add_lora, keeps_logits, load_backbone
+from .backbone import add_lora, decoder_of, keeps_logits, load_backbone
 
 # %% ../nbs/23_bench.ipynb #1b953bbd
 def prompt_tokens(model:SpeederRecommender, # the model (its prompt builder, and how far its answer reads)
@@ -200,22 +201,33 @@ def latency(model:SpeederRecommender, # the model to time
             calls:int|None=None, # calls timed (None: the config's `bench_calls`)
             warmup:int|None=None, # calls run first and not timed (None: `bench_warmup`)
             new_tokens:int=2, # tokens decoded per answer in generate mode
+            bare=None, # the bare backbone (`bare_backbone`): timed on each call's own shape, interleaved (None: not timed)
            )->dict:
-    "p50/p95 latency (ms) of `calls` calls of `batch_size` requests each, after `warmup` calls."
+    "p50/p95 latency (ms) of `calls` calls of `batch_size` requests each, after `warmup` calls; with `bare`, the bare backbone's beside them."
     calls, warmup = _or_config(model.cfg, bench_calls=calls, bench_warmup=warmup)
     model.eval()
-    times = []
+    times, bare_times, widths, gen = [], [], [], torch.Generator().manual_seed(1)
     for c in range(warmup + calls):
         sl = slice((c * batch_size) % len(split), (c * batch_size) % len(split) + batch_size)
         h, cand = split.histories[sl], split.candidates[sl]
+        mask = read_mask(model, model.prompt.batch(h, cand))
+        if bare is not None and c % 2:   # odd calls time the bare backbone first: neither side always runs second
+            bare_times.append(bare_call(bare, mask, mode, new_tokens, gen))
         t0 = time.perf_counter()
         answer_once(model, h, cand, mode, new_tokens)
-        dt = time.perf_counter() - t0
-        if c >= warmup:
-            times.append(dt * 1000)
-    s = summary(times)
+        times.append((time.perf_counter() - t0) * 1000)
+        if bare is not None and not c % 2:
+            bare_times.append(bare_call(bare, mask, mode, new_tokens, gen))
+        widths.append(mask.shape[1])
+    out = _latency_summary(times[warmup:], batch_size)
+    if bare is not None:
+        out.update({f'bare_{k}': v for k, v in _latency_summary(bare_times[warmup:], batch_size).items()},
+                   bare_tokens=float(np.mean(widths[warmup:])))
+    return out
+
+def _latency_summary(times:list, batch_size:int)->dict:
     return dict(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)),
-                per_request_ms=s['mean'] / batch_size)
+                per_request_ms=float(np.mean(times)) / batch_size)
 
 # %% ../nbs/23_bench.ipynb #f91632c0
 @torch.no_grad()
@@ -249,8 +261,9 @@ def bench_method(name:str, # the method's name in the results
                  batch_size:int|None=None, # training examples per step (None: the config's `batch_size`)
                  calls:int|None=None, # batch-1 latency calls per answer mode, fewer at larger batches (None: `bench_calls`)
                  batch_sizes:tuple=(1, 16), # request batch sizes of the latency runs
+                 bare=None, # the bare backbone (`bare_backbone`), timed beside every latency call (None: not timed)
                 )->dict:
-    "Tokens, training throughput, latency and peak memory of one method."
+    "Tokens, training throughput, latency (beside the bare backbone's, with `bare`) and peak memory of one method."
     train_steps, warmup, batch_size, calls = _or_config(model.cfg, bench_steps=train_steps, bench_warmup=warmup,
                                                         batch_size=batch_size, bench_calls=calls)
     tok = summary(prompt_tokens(model, split, 64))
@@ -265,7 +278,8 @@ def bench_method(name:str, # the method's name in the results
     with peak_memory(model.device) as peak_infer:
         for mode in modes:
             for bs in batch_sizes:
-                lat = latency(model, split, mode, bs, calls if bs == 1 else max(2, calls // 4), warmup, new_tokens)
+                lat = latency(model, split, mode, bs, calls if bs == 1 else max(2, calls // 4), warmup, new_tokens,
+                              bare)
                 row.update({f'{mode}_b{bs}_{k}': v for k, v in lat.items()})
         row['answer_ms'] = answer_breakdown(model, split, new_tokens, max(2, calls // 2))
     row.update(train_peak_mb=peak_train['mb'], infer_peak_mb=peak_infer['mb'], memory_kind=peak_train['kind'])
@@ -312,7 +326,7 @@ def random_ids(llm, # the backbone (its vocabulary size)
 def bare_step_s(llm, # a causal LM with LoRA adapters (`add_lora`): only they train
                 tokens:int, # training example length: prompt + answer
                 batch_size:int, # examples per step
-                answer:int, # answer tokens: the loss is on them, and only their logits are computed (as in `forward`; 0: the last token's)
+                answer:int, # answer tokens: the loss is on them, and only their logits are computed (as in `forward`; 0: no logits, a loss on the last block's output)
                 steps:int, # measured optimizer steps
                 warmup:int, # steps run first, not measured
                )->float:
@@ -324,9 +338,11 @@ def bare_step_s(llm, # a causal LM with LoRA adapters (`add_lora`): only they tr
     for i in range(warmup + steps):
         ids = random_ids(llm, batch_size, tokens, gen)
         t0 = time.perf_counter()
-        keep = answer + 1 if answer else 1   # no answer (`history_prompt`): the loss is on the last token's logits
-        logits = llm(input_ids=ids, **_keep_kw(llm, keep)).logits[:, -keep:][:, :max(answer, 1)]
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, -max(answer, 1):].flatten()).backward()
+        if answer:
+            logits = llm(input_ids=ids, **_keep_kw(llm, answer + 1)).logits[:, -(answer + 1):-1]
+            F.cross_entropy(logits.float().flatten(0, 1), ids[:, -answer:].flatten()).backward()
+        else:   # no answer (`history_prompt`): the heads read hidden states, so no LM head; a loss on the last block's output
+            decoder_of(llm)(input_ids=ids, use_cache=False).last_hidden_state.float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -334,29 +350,46 @@ def bare_step_s(llm, # a causal LM with LoRA adapters (`add_lora`): only they tr
     llm.eval()
     return float(np.mean(times))
 
+def read_mask(model:SpeederRecommender, # the model (how far its answer reads)
+              batch:dict, # a prompt batch without answers
+             )->torch.Tensor:
+    "(B, T): the attention mask of the columns the LLM reads to answer the batch: all of them, or up to the newest history item."
+    mask = batch['attention_mask']
+    return mask[:, :model.history_end(batch)] if model.stops_at_history() else mask
+
 @torch.no_grad()
-def bare_answer(llm, # the backbone, as `bare_step_s` takes it
-                tokens:int, # prompt length
-                batch_size:int, # requests per call
-                mode:str, # GENERATE: a prefill, then `new_tokens - 1` greedy tokens through the KV cache; SCORE: the prefill
-                new_tokens:int, # answer tokens decoded in generate mode (the prefill gives the first)
-                calls:int, # calls timed
-                warmup:int, # calls run first, not timed
-               )->dict:
-    "Latency of the bare backbone on random prompts, as `latency` reports it: p50 per call and mean per request (ms)."
-    device, gen = next(llm.parameters()).device, torch.Generator().manual_seed(1)
+def bare_call(llm, # the backbone, as `bare_step_s` takes it
+              mask:torch.Tensor, # (B, T) the attention mask of the method's own call (`read_mask`): its batch, length and padding
+              mode:str, # GENERATE: a prefill, then `new_tokens - 1` greedy tokens through the KV cache; SCORE: the prefill
+              new_tokens:int, # answer tokens decoded in generate mode (the prefill gives the first); 0: an item head, no logits
+              generator:torch.Generator, # the random ids' randomness
+             )->float:
+    "Milliseconds of one answer of the bare backbone on random ids under `mask`: no prompt building, no item tokens, no head."
+    device = next(llm.parameters()).device
+    ids, mask = random_ids(llm, *mask.shape, generator), mask.to(device)
     llm.eval()
-    times = []
-    for i in range(warmup + calls):
-        ids = random_ids(llm, batch_size, tokens, gen)
-        t0 = time.perf_counter()
-        out = llm(input_ids=ids, use_cache=mode == GENERATE, **_keep_kw(llm, 1))
-        for _ in range(new_tokens - 1 if mode == GENERATE else 0):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = llm(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    t0 = time.perf_counter()
+    if not new_tokens:   # an item head: it reads the last hidden state, so no LM head
+        decoder_of(llm)(input_ids=ids, attention_mask=mask, use_cache=False)
         _sync(device)
-        if i >= warmup: times.append((time.perf_counter() - t0) * 1000)
-    return dict(p50_ms=float(np.percentile(times, 50)), per_request_ms=float(np.mean(times)) / batch_size)
+        return (time.perf_counter() - t0) * 1000
+    decode = new_tokens - 1 if mode == GENERATE else 0
+    out = llm(input_ids=ids, attention_mask=mask, use_cache=decode > 0, **_keep_kw(llm, 1))
+    for _ in range(decode):
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = llm(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    _sync(device)
+    return (time.perf_counter() - t0) * 1000
+
+def bare_backbone(cfg:SpeederConfig, # the backbone and its LoRA
+                  root=None, # data folder (see `data_root`)
+                  device=None, # torch device (default cpu)
+                 ):
+    "A fresh copy of the backbone with the config's LoRA adapters and nothing of ours: what the limits are measured on."
+    torch.manual_seed(cfg.seed)
+    llm = load_backbone(cfg.llm, root, cfg.torch_dtype(torch.device(device or 'cpu')))[0]
+    return add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets).to(device or 'cpu')
 
 # %% ../nbs/23_bench.ipynb #a90906bc
 LIMIT_RATIOS = {   # limit ratio: (text-only time, Speeder time) in the bare backbone's measurements
@@ -370,31 +403,23 @@ LIMIT_OF = dict(train_speedup='limit_train', infer_speedup_generate='limit_gener
                 infer_speedup_score='limit_score_b1', infer_speedup_generate_b16='limit_generate_b16',
                 infer_speedup_score_b16='limit_score_b16')   # each speed-up and the limit ratio beside it
 
-def backbone_limits(rows:list, # one dict per method, from `bench_method` (its lengths)
-                    cfg:SpeederConfig, # the backbone, its LoRA, and the bench's batch size, steps and calls
-                    root=None, # data folder (see `data_root`)
-                    device=None, # torch device (default cpu)
+def backbone_limits(rows:list, # one dict per method, from `bench_method` with `bare` (its lengths and bare latencies)
+                    cfg:SpeederConfig, # the bench's batch size, steps and warm-up
+                    llm, # the bare backbone (`bare_backbone`), trained here at each method's length
                     batch_sizes:tuple=(1, 16), # request batch sizes, as `bench_method`'s
                    )->dict:
-    "Per method: the bare backbone's training step and answer latencies at that method's prompt and answer lengths."
-    device = torch.device(device or 'cpu')
-    torch.manual_seed(cfg.seed)
-    llm = load_backbone(cfg.llm, root, cfg.torch_dtype(device))[0]
-    llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets).to(device)
+    "Per method: the bare backbone's training step at that method's lengths, and its answer latencies timed beside the method's calls."
     out = {}
     for r in progress(rows, desc='bare backbone'):
-        prompt, answer = round(r['prompt_tokens_mean']), r['answer_tokens']
-        lim = dict(prompt_tokens=prompt, train_tokens=round(r['train_tokens_mean']), answer_tokens=answer)
+        lim = dict(prompt_tokens=round(r['prompt_tokens_mean']), train_tokens=round(r['train_tokens_mean']),
+                   answer_tokens=r['answer_tokens'])
         lim['s_per_step'] = bare_step_s(llm, lim['train_tokens'], cfg.batch_size, r['train_answer_tokens'], cfg.bench_steps,
                                         cfg.bench_warmup)
-        for mode in (GENERATE, SCORE) if f'{SCORE}_b1_p50_ms' in r else (GENERATE,):
+        for mode in (GENERATE, SCORE):
             for bs in batch_sizes:
-                calls = cfg.bench_calls if bs == 1 else max(2, cfg.bench_calls // 4)
-                lat = bare_answer(llm, prompt, bs, mode, answer, calls, cfg.bench_warmup)
-                lim.update({f'{mode}_b{bs}_{k}': v for k, v in lat.items()})
+                lim.update({f'{mode}_b{bs}_{k}': r[f'{mode}_b{bs}_bare_{k}'] for k in ('p50_ms', 'per_request_ms', 'tokens')
+                            if f'{mode}_b{bs}_bare_{k}' in r})
         out[r['method']] = lim
-    del llm
-    _free(device)
     return out
 
 def limit_ratios(limits:dict, # method -> its bare-backbone measurements (`backbone_limits`)
@@ -413,14 +438,14 @@ def _free(device:torch.device):
     if device.type == 'cuda':
         torch.cuda.empty_cache()
 
-def _bench_rows(methods:tuple, ds, cfg:SpeederConfig, examples:Split, root, device)->list:
-    "Each method built on a fresh backbone (Speeder by `build_model`, a baseline on the same features), measured, freed."
+def _bench_rows(methods:tuple, ds, cfg:SpeederConfig, examples:Split, root, device, bare)->list:
+    "Each method built on a fresh backbone (Speeder by `build_model`, a baseline on the same features), measured beside `bare`, freed."
     feats = run_features(ds, cfg, root, MODALITIES) if any(m != SPEEDER for m in methods) else None
     rows = []
     for m in progress(methods, desc='bench'):
         torch.manual_seed(cfg.seed)
         model = build_model(ds, cfg, root, device) if m == SPEEDER else baseline_model(m, ds, feats, cfg, root, device)
-        rows.append(bench_method(m, model, examples, ds.valid))
+        rows.append(bench_method(m, model, examples, ds.valid, bare=bare))
         log(f'bench {m}: ' + json.dumps({k: round(v, 2) for k, v in rows[-1].items()
                                          if isinstance(v, float) and 'b1_p50' in k or k == 'examples_per_s'}))
         del model
@@ -448,6 +473,8 @@ def bench_main(dataset:str=DEFAULT_DATASET, # dataset name (see `load_dataset`)
     given = dict(bench_steps=train_steps, bench_warmup=warmup, batch_size=batch_size, bench_calls=calls)
     cfg = SpeederConfig.from_dict(dict(overrides, dataset=dataset, llm=str(llm),
                                        **{k: v for k, v in given.items() if v is not None}))
+    if cfg.head_layer < 1:
+        raise SpeederError(f'head_layer={cfg.head_layer}: the bench times the whole LLM (its limits run every block), so it measures head_layer=1 only')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     run = Path(out) if out else runs_root(root=root)/default_run_name(dataset, llm, 'bench-')
     check_writable(run)
@@ -455,8 +482,11 @@ def bench_main(dataset:str=DEFAULT_DATASET, # dataset name (see `load_dataset`)
     ds = load_dataset(dataset, root)
     examples = training_split(ds, (cfg.bench_warmup + cfg.bench_steps) * cfg.batch_size * 2, cfg.n_candidates, cfg.seed)
     t0 = time.time()
-    rows = _bench_rows(methods, ds, cfg, examples, root, device)
-    limits = backbone_limits(rows, cfg, root, device)
+    bare = bare_backbone(cfg, root, device)
+    rows = _bench_rows(methods, ds, cfg, examples, root, device, bare)
+    limits = backbone_limits(rows, cfg, bare)
+    del bare
+    _free(device)
     res = dict(dataset=dataset, llm=str(llm), backbone_is_stand_in=str(llm) == STAND_IN, device=str(device),
                torch_threads=torch.get_num_threads(), batch_size=cfg.batch_size, train_steps=cfg.bench_steps,
                warmup=cfg.bench_warmup, rows=rows, limits=limits, ratios={**bench_ratios(rows), **limit_ratios(limits)},

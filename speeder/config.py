@@ -39,10 +39,10 @@ AT_LEAST = dict(lora_r=1, d_model=1, n_blocks=1, n_heads=1, max_history=2, n_can
                 max_new_tokens=1, checkpoint_every=1, valid_examples=0, warmup_steps=0, seed=0, curve_examples=1,
                 curve_points=1, order_examples=1, bench_steps=1, bench_warmup=0, bench_calls=1, calibration_steps=1,
                 calibration_warmup=0, history_examples=2)
-ABOVE_ZERO = ('lr', 'grad_clip', 'lora_alpha', 'item_lr', 'minutes', 'curve_every')   # numbers that must be > 0
+ABOVE_ZERO = ('lr', 'grad_clip', 'lora_alpha', 'item_lr', 'minutes', 'curve_every', 'head_layer')   # numbers that must be > 0
 NOT_NEGATIVE = ('weight_decay', 'ppt_weight', 'listwise_weight', 'spread_weight', 'letter_weight', 'item_weight',
                 'dense_weight')   # >= 0
-FRACTIONS = ('dropout', 'lora_dropout', 'drop_modality', 'listwise_layer', 'first_share', 'second_share',
+FRACTIONS = ('dropout', 'lora_dropout', 'drop_modality', 'listwise_layer', 'head_layer', 'first_share', 'second_share',
              'joint_share', 'hybrid_text_share', 'warmup_share', 'min_lr_share')                                  # in [0, 1]
 CHOICES = dict(dtype=('auto', 'float32', 'bfloat16'), sequence_features=('sasrec', 'zeros'),
                token_scale=('rms', 'none'), mpo=('auto', 'on', 'off'), keep=('best', 'last'), answer=ANSWER_HEADS)
@@ -110,6 +110,7 @@ class SpeederConfig:
     spread_weight:float = 1.0        # weight of the spread loss that keeps the batch's item tokens apart (0: off)
     letter_weight:float = 1.0        # weight of the cross-entropy over the 20 letters at the answer position (0: off)
     listwise_layer:float = 0.5       # the hidden state the listwise head reads, as a fraction of the LLM's depth
+    head_layer:float = 1.0           # the LLM's depth kept, as a share of its blocks from the bottom: the item head, the dense loss and PPT read the top kept block, and the blocks above it never run (below 1 needs history_prompt; beyond the paper)
     answer:str = LETTER              # 'letter': the LLM names a candidate's letter (the paper); 'item': an item head matches the answer position's hidden state with the candidates' item tokens; 'next': the same head reads the last history item's hidden state, the dense loss's next-item prediction (both beyond the paper)
     item_weight:float = 1.0          # weight of the item head's cross-entropy over the candidates (with answer='item')
     dense_weight:float = 2.0         # weight of a next-item loss at every history position, through the item head over all items (a training aid beyond the paper; 0: off)
@@ -200,6 +201,8 @@ def _check_choices(self:SpeederConfig):
         raise SpeederError('item_bias_prior needs item_bias=true (it is where the per-item score starts)')
     if self.history_prompt and self.answer != NEXT:
         raise SpeederError(f"history_prompt needs answer='next' (answer={self.answer!r} reads the prompt after the history)")
+    if self.head_layer < 1 and not self.history_prompt:
+        raise SpeederError(f'head_layer={self.head_layer} needs history_prompt=true (the letters and the LM loss read the top of the LLM)')
 
 # %% ../nbs/00_config.ipynb #0fd5f0d0
 @patch

@@ -364,6 +364,9 @@ ABLATIONS = {SPEEDER: {}, 'paper': PRESETS['paper'], **{k.replace('_', '-'): v f
              'next-history-skip': dict(answer=NEXT, item_weight=0.0, history_prompt=True, sequence_skip=True)}   # ... with the skip
 ABLATIONS['next-history-skip-bias'] = dict(ABLATIONS['next-history-skip'], item_bias=True)   # ... and a learned score per item
 ABLATIONS['next-history-skip-prior'] = dict(ABLATIONS['next-history-skip-bias'], item_bias_prior=True)   # ... starting at popularity
+ABLATIONS['next-history-skip-mlp'] = dict(ABLATIONS['next-history-skip'], lora_targets=ABLATIONS['lora-mlp']['lora_targets'])   # ... with LoRA on the MLP too
+ABLATIONS['next-history-skip-half'] = dict(ABLATIONS['next-history-skip'], head_layer=0.5)   # ... on the LLM's lower half
+ABLATIONS['next-history-skip-quarter'] = dict(ABLATIONS['next-history-skip'], head_layer=0.25)   # ... on its lowest quarter
 STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1

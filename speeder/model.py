@@ -13,7 +13,7 @@ from .assets import first_line
 from .features import ItemFeatures
 from .mrc import MRC
 from .spae import PositionPrompt, PositionProxyHead, position_proxy_loss, spae_total_loss
-from .backbone import add_lora, keeps_logits, load_backbone
+from .backbone import add_lora, decoder_of, keep_lowest_blocks, keeps_logits, load_backbone
 from .prompt import SpeederPrompt
 
 # %% auto #0
@@ -129,6 +129,7 @@ class SpeederRecommender(nn.Module):
         self.ppl = PositionPrompt(cfg.max_history, self.hidden)
         self.ppt_head = PositionProxyHead(self.hidden, cfg.max_history)
         self.listwise_head = ListwiseHead(self.hidden)
+        if cfg.head_layer < 1: keep_lowest_blocks(llm, cfg.head_layer)   # nothing reads above the head's layer
         self.listwise_index = round(cfg.listwise_layer * llm.config.num_hidden_layers)   # 0: embeddings, L: last block
         with torch.random.fork_rng(devices=[]):   # its own seed: the head leaves every other draw of a run as it was
             torch.manual_seed(cfg.seed + 11)
@@ -311,10 +312,11 @@ def prefix_pass(self:SpeederRecommender, batch:dict, # a prompt batch, with or w
                 E:torch.Tensor|None=None, # the batch's `inputs_embeds` when already made (None: made here)
                 **kw, # passed to the LLM (output_hidden_states, ...)
                ):
-    "The LLM over each prompt up to and with its newest history item: under the causal mask, the hidden states there are the full prompt's."
-    end = self.history_end(batch)
-    cut = {k: batch[k][:, :end] for k in ('attention_mask', 'position_ids')}
-    return self.lm((self.embed(batch, active) if E is None else E)[:, :end], cut, keep=1, **kw)
+    "The LLM's blocks over each prompt up to and with its newest history item, without the LM head (its readers want hidden states): under the causal mask, the hidden states there are the full prompt's."
+    end, dev = self.history_end(batch), self.device
+    E = (self.embed(batch, active) if E is None else E)[:, :end]
+    return decoder_of(self.llm)(inputs_embeds=E, attention_mask=batch['attention_mask'][:, :end].to(dev),
+                                position_ids=batch['position_ids'][:, :end].to(dev), **{'use_cache': False, **kw})
 
 @patch
 def stops_at_history(self:SpeederRecommender, training:bool=False, # a training pass, else an answer
