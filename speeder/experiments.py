@@ -367,6 +367,9 @@ ABLATIONS['next-history-skip-prior'] = dict(ABLATIONS['next-history-skip-bias'],
 ABLATIONS['next-history-skip-mlp'] = dict(ABLATIONS['next-history-skip'], lora_targets=ABLATIONS['lora-mlp']['lora_targets'])   # ... with LoRA on the MLP too
 ABLATIONS['next-history-skip-half'] = dict(ABLATIONS['next-history-skip'], head_layer=0.5)   # ... on the LLM's lower half
 ABLATIONS['next-history-skip-quarter'] = dict(ABLATIONS['next-history-skip'], head_layer=0.25)   # ... on its lowest quarter
+ABLATIONS['next-history-skip-half-b16'] = dict(ABLATIONS['next-history-skip-half'], batch_size=16)   # the half, twice the examples a step
+ABLATIONS['next-history-skip-half-item-lr'] = dict(ABLATIONS['next-history-skip-half'], item_lr=3e-3)   # the half, MRC, PPL and the heads at 3x the rate
+ABLATIONS['next-history-skip-half-lr-5e-4'] = dict(ABLATIONS['next-history-skip-half'], lr=5e-4)   # the half, half the peak rate
 STUDY = (SPEEDER, 'paper', 'no-dense')   # the variants `speeder ablate` runs by default
 
 # %% ../nbs/21_experiments.ipynb #97ad3be1
