@@ -19,7 +19,7 @@ from .answer import recommend
 # %% auto #0
 __all__ = ['READOUTS', 'READOUT_DECAY', 'REFERENCE_NAMES', 'first_examples', 'popularity_counts', 'popularity_scores',
            'recency_weights', 'readout_scores', 'readout_tables', 'sasrec_hr1', 'reference_lines', 'derangement',
-           'popular_item_histories', 'margin_lost', 'history_controls', 'plot_history_controls']
+           'popular_item_histories', 'binomial_se', 'margin_lost', 'history_controls', 'plot_history_controls']
 
 # %% ../nbs/15_references.ipynb #746420ae
 def first_examples(split:Split, # a split with saved candidates (valid or test)
@@ -155,13 +155,19 @@ def popular_item_histories(ds:Dataset, # the dataset (training counts)
     return out
 
 # %% ../nbs/15_references.ipynb #1448fa2d
+def binomial_se(hr:float, # a hit rate (e.g. HR@1)
+                n:int, # users it is measured on
+               )->float:
+    "One binomial standard error of a hit rate measured on `n` users."
+    return math.sqrt(hr * (1 - hr) / n)
+
 def margin_lost(own:float, # HR@1 with the user's own history
                 other:float, # HR@1 with another user's history
                 popularity:float, # HR@1 of popularity on the same users
                 n:int|None=None, # users the HR@1s are measured on (None: no noise floor)
                )->float|None:
     "`(own - other) / (own - popularity)`: the share of the margin over popularity lost; None without a margin above noise."
-    noise = math.sqrt(own * (1 - own) / n) if n else 0.0   # one binomial standard error of own's HR@1
+    noise = binomial_se(own, n) if n else 0.0
     if own - popularity <= noise: return None
     return (own - other) / (own - popularity)
 
